@@ -1,0 +1,453 @@
+//! The audit log: every decision, allowed or refused, durable before the
+//! response leaves, hash-chained so that a changed, removed or reordered entry
+//! is found by `pdvault audit verify`.
+//!
+//! Owns `<data dir>/audit/audit.log` (JSON lines), `checkpoints.jsonl` (the
+//! chain head signed with the receipt key) and the per-subject access-log
+//! index in the data store. Entries name who, which fields, which purpose,
+//! when and the outcome; never a value, never a token.
+
+use crate::error::{Result, VaultError};
+use crate::storage::Flusher;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit record as written (API.md's keys, plus the chain).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at: String,
+    pub request_id: String,
+    pub caller: Option<String>,
+    pub token_id: Option<String>,
+    pub purpose: Option<String>,
+    pub action: String,
+    pub subject: Option<String>,
+    pub fields: Vec<String>,
+    pub outcome: String,
+    pub code: Option<String>,
+    pub justification: Option<String>,
+    pub prev: String,
+    pub hash: String,
+}
+
+/// What a caller hands in; the log assigns `seq`, `at` and the chain.
+#[derive(Debug, Clone, Default)]
+pub struct Draft {
+    pub request_id: String,
+    pub caller: Option<String>,
+    pub token_id: Option<String>,
+    pub purpose: Option<String>,
+    pub action: String,
+    pub subject: Option<String>,
+    pub fields: Vec<String>,
+    /// `None` for allowed; the refusal code otherwise.
+    pub code: Option<String>,
+    pub justification: Option<String>,
+}
+
+impl Draft {
+    pub fn allowed(&self) -> bool {
+        self.code.is_none()
+    }
+}
+
+fn entry_hash(prev: &str, e: &AuditEntry) -> String {
+    let body = serde_json::to_vec(&(
+        e.seq,
+        &e.at,
+        &e.request_id,
+        &e.caller,
+        &e.token_id,
+        &e.purpose,
+        &e.action,
+        &e.subject,
+        &e.fields,
+        &e.outcome,
+        &e.code,
+        &e.justification,
+    ))
+    .expect("json");
+    let mut input = Vec::with_capacity(prev.len() + 1 + body.len());
+    input.extend_from_slice(prev.as_bytes());
+    input.push(b'\n');
+    input.extend_from_slice(&body);
+    hex::encode(crate::crypto::sha256(&input))
+}
+
+struct Writer {
+    file: File,
+    seq: u64,
+    head: String,
+}
+
+pub struct AuditLog {
+    dir: PathBuf,
+    writer: Mutex<Writer>,
+    flusher: Flusher,
+    poisoned: AtomicBool,
+    access: sled::Tree,
+    fault_file: Option<PathBuf>,
+}
+
+/// Actions whose allowed entries are releases of subject data.
+pub fn is_release(action: &str) -> bool {
+    matches!(action, "read" | "batch_get" | "lookup")
+}
+
+impl AuditLog {
+    pub fn log_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("audit").join("audit.log")
+    }
+
+    /// Opens the log, dropping a torn last line (never acknowledged), and
+    /// brings the access-log index up to date.
+    pub fn open(data_dir: &Path, access: sled::Tree, meta: &sled::Tree) -> Result<AuditLog> {
+        let dir = data_dir.join("audit");
+        crate::fsutil::create_private_dir(&dir)?;
+        let path = dir.join("audit.log");
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(&path)?;
+        let (mut seq, mut head, mut good_len) = (0u64, GENESIS.to_string(), 0u64);
+        let indexed = meta
+            .get("audit_indexed")?
+            .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0);
+        {
+            let mut r = BufReader::new(File::open(&path)?);
+            let mut line = String::new();
+            let mut off = 0u64;
+            loop {
+                line.clear();
+                let n = r.read_line(&mut line)?;
+                if n == 0 || !line.ends_with('\n') {
+                    break;
+                }
+                let e: AuditEntry = serde_json::from_str(line.trim_end())
+                    .map_err(|_| VaultError::Internal(format!("audit log corrupt after seq {seq}")))?;
+                if e.seq > indexed {
+                    index_entry(&access, &e)?;
+                }
+                off += n as u64;
+                good_len = off;
+                seq = e.seq;
+                head = e.hash;
+            }
+        }
+        if file.metadata()?.len() != good_len {
+            file.set_len(good_len)?;
+            file.sync_all()?;
+        }
+        file.seek(SeekFrom::End(0))?;
+        meta.insert("audit_indexed", &seq.to_be_bytes())?;
+        let sync_file = file.try_clone()?;
+        let fault_file = if cfg!(debug_assertions) {
+            std::env::var_os("PDVAULT_FAULT_AUDIT_FILE").map(PathBuf::from)
+        } else {
+            None
+        };
+        Ok(AuditLog {
+            dir,
+            writer: Mutex::new(Writer { file, seq, head }),
+            flusher: Flusher::spawn("audit", move || sync_file.sync_data()),
+            poisoned: AtomicBool::new(false),
+            access,
+            fault_file,
+        })
+    }
+
+    /// Appends entries and returns once they are on disk. Any failure fails
+    /// closed: the caller must release nothing (`503 audit_unavailable`), and
+    /// after a failed fsync the log refuses every later append.
+    pub async fn append(&self, drafts: Vec<Draft>) -> Result<Vec<AuditEntry>> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(VaultError::AuditUnavailable);
+        }
+        if let Some(f) = &self.fault_file {
+            if f.exists() {
+                return Err(VaultError::AuditUnavailable);
+            }
+        }
+        let at = crate::fsutil::rfc3339_millis(crate::fsutil::now_millis());
+        let entries = {
+            let mut w = self.writer.lock().expect("audit lock");
+            let mut buf = Vec::with_capacity(drafts.len() * 256);
+            let mut entries = Vec::with_capacity(drafts.len());
+            let (mut seq, mut head) = (w.seq, w.head.clone());
+            for d in drafts {
+                seq += 1;
+                let mut e = AuditEntry {
+                    seq,
+                    at: at.clone(),
+                    request_id: d.request_id,
+                    caller: d.caller,
+                    token_id: d.token_id,
+                    purpose: d.purpose,
+                    action: d.action,
+                    subject: d.subject,
+                    fields: d.fields,
+                    outcome: if d.code.is_none() { "allowed" } else { "refused" }.into(),
+                    code: d.code,
+                    justification: d.justification,
+                    prev: head.clone(),
+                    hash: String::new(),
+                };
+                e.hash = entry_hash(&head, &e);
+                head = e.hash.clone();
+                serde_json::to_writer(&mut buf, &e).expect("json");
+                buf.push(b'\n');
+                entries.push(e);
+            }
+            if let Err(_e) = w.file.write_all(&buf) {
+                self.poisoned.store(true, Ordering::SeqCst);
+                return Err(VaultError::AuditUnavailable);
+            }
+            w.seq = seq;
+            w.head = head;
+            entries
+        };
+        if self.flusher.sync().await.is_err() {
+            self.poisoned.store(true, Ordering::SeqCst);
+            return Err(VaultError::AuditUnavailable);
+        }
+        for e in &entries {
+            // Derived data: rebuilt from the log at the next start if lost.
+            let _ = index_entry(&self.access, e);
+        }
+        Ok(entries)
+    }
+
+    /// The head of the chain: (last seq, its hash).
+    pub fn head(&self) -> (u64, String) {
+        let w = self.writer.lock().expect("audit lock");
+        (w.seq, w.head.clone())
+    }
+
+    /// Signs the current head into `checkpoints.jsonl`.
+    pub fn checkpoint(&self, key: &crate::crypto::ReceiptKey) -> Result<Option<Checkpoint>> {
+        let (seq, head) = self.head();
+        let path = self.dir.join("checkpoints.jsonl");
+        if let Some(last) = read_checkpoints(&path)?.last() {
+            if last.seq == seq {
+                return Ok(None);
+            }
+        }
+        let at = crate::fsutil::rfc3339(crate::fsutil::now_secs());
+        let msg = checkpoint_message(seq, &head, &at);
+        let cp = Checkpoint {
+            seq,
+            head,
+            at,
+            signature: b64(&key.sign(&msg)),
+        };
+        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut line = serde_json::to_vec(&cp).expect("json");
+        line.push(b'\n');
+        f.write_all(&line)?;
+        f.sync_data()?;
+        Ok(Some(cp))
+    }
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn access_key(subject: &str, seq: u64) -> Vec<u8> {
+    let mut k = subject.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn index_entry(access: &sled::Tree, e: &AuditEntry) -> Result<()> {
+    if e.outcome == "allowed" && is_release(&e.action) {
+        if let Some(s) = &e.subject {
+            let v = serde_json::json!({
+                "seq": e.seq, "at": e.at, "caller": e.caller, "purpose": e.purpose,
+                "action": e.action, "fields": e.fields, "request_id": e.request_id,
+            });
+            access.insert(access_key(s, e.seq), serde_json::to_vec(&v).expect("json"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A page of a subject's access log: entries after `after`, at most `limit`.
+pub fn access_page(
+    access: &sled::Tree,
+    subject: &str,
+    after: u64,
+    limit: usize,
+) -> Result<(Vec<serde_json::Value>, Option<u64>)> {
+    let start = access_key(subject, after.saturating_add(1));
+    let end = access_key(subject, u64::MAX);
+    let mut out = Vec::new();
+    let mut last = None;
+    for kv in access.range(start..=end) {
+        let (k, v) = kv?;
+        if out.len() == limit {
+            return Ok((out, last));
+        }
+        let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+        out.push(serde_json::from_slice(&v).map_err(|_| VaultError::internal("corrupt access index"))?);
+        last = Some(seq);
+    }
+    Ok((out, None))
+}
+
+/// Removes a subject's access-log index (the audit log itself keeps its entries).
+pub fn forget_subject(access: &sled::Tree, subject: &str) -> Result<()> {
+    let mut p = subject.as_bytes().to_vec();
+    p.push(0);
+    for k in access.scan_prefix(&p).keys() {
+        access.remove(k?)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub head: String,
+    pub at: String,
+    pub signature: String,
+}
+
+pub fn checkpoint_message(seq: u64, head: &str, at: &str) -> Vec<u8> {
+    format!("pdvault-audit-checkpoint-v1\n{seq}\n{head}\n{at}").into_bytes()
+}
+
+fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>> {
+    let Ok(f) = File::open(path) else { return Ok(vec![]) };
+    let mut out = vec![];
+    for line in BufReader::new(f).lines() {
+        let line = line?;
+        if let Ok(c) = serde_json::from_str(&line) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// The outcome of `pdvault audit verify`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Intact {
+        entries: u64,
+        checkpoints: usize,
+    },
+    /// The first entry (1-based line number and the seq it claims, if any) at
+    /// which the chain breaks, and why.
+    Broken {
+        line: u64,
+        seq: Option<u64>,
+        why: String,
+    },
+}
+
+/// Checks the whole chain, and every checkpoint against it.
+pub fn verify(data_dir: &Path, public_key: Option<&[u8; 32]>) -> Result<Verdict> {
+    let path = AuditLog::log_path(data_dir);
+    let f = File::open(&path).map_err(|e| VaultError::Internal(format!("{}: {e}", path.display())))?;
+    let mut prev = GENESIS.to_string();
+    let mut expect_seq = 1u64;
+    let mut heads = std::collections::HashMap::new();
+    let mut line_no = 0u64;
+    for line in BufReader::new(f).lines() {
+        line_no += 1;
+        let line = line?;
+        let broken = |seq: Option<u64>, why: &str| {
+            Ok(Verdict::Broken {
+                line: line_no,
+                seq,
+                why: why.into(),
+            })
+        };
+        let e: AuditEntry = match serde_json::from_str(&line) {
+            Ok(e) => e,
+            Err(_) => return broken(None, "not a valid entry"),
+        };
+        if e.seq != expect_seq {
+            return broken(
+                Some(e.seq),
+                &format!("expected seq {expect_seq} (an entry was removed or reordered)"),
+            );
+        }
+        if e.prev != prev {
+            return broken(Some(e.seq), "prev does not match the hash of the entry before");
+        }
+        if entry_hash(&prev, &e) != e.hash {
+            return broken(Some(e.seq), "the entry was altered (hash mismatch)");
+        }
+        prev = e.hash.clone();
+        heads.insert(e.seq, e.hash);
+        expect_seq += 1;
+    }
+    let cps = read_checkpoints(&data_dir.join("audit").join("checkpoints.jsonl"))?;
+    for c in &cps {
+        if let Some(h) = heads.get(&c.seq) {
+            if *h != c.head {
+                return Ok(Verdict::Broken {
+                    line: c.seq,
+                    seq: Some(c.seq),
+                    why: "checkpoint head differs from the log".into(),
+                });
+            }
+        } else if c.seq != 0 {
+            return Ok(Verdict::Broken {
+                line: line_no,
+                seq: Some(c.seq),
+                why: "log is shorter than a signed checkpoint (truncated)".into(),
+            });
+        }
+        if let Some(pk) = public_key {
+            use base64::Engine;
+            let sig = base64::engine::general_purpose::STANDARD
+                .decode(&c.signature)
+                .unwrap_or_default();
+            if !crate::crypto::ed25519_verify(pk, &checkpoint_message(c.seq, &c.head, &c.at), &sig) {
+                return Ok(Verdict::Broken {
+                    line: c.seq,
+                    seq: Some(c.seq),
+                    why: "checkpoint signature does not verify".into(),
+                });
+            }
+        }
+    }
+    Ok(Verdict::Intact {
+        entries: expect_seq - 1,
+        checkpoints: cps.len(),
+    })
+}
+
+/// Streams entries as JSON lines, filtered by time (Unix seconds) and subject.
+pub fn export(data_dir: &Path, since: Option<u64>, subject: Option<&str>, out: &mut dyn Write) -> Result<u64> {
+    let path = AuditLog::log_path(data_dir);
+    let f = File::open(&path).map_err(|e| VaultError::Internal(format!("{}: {e}", path.display())))?;
+    let mut n = 0;
+    for line in BufReader::new(f).lines() {
+        let line = line?;
+        let Ok(e) = serde_json::from_str::<AuditEntry>(&line) else {
+            continue;
+        };
+        if let Some(s) = since {
+            if crate::fsutil::parse_rfc3339(&e.at).is_some_and(|t| t < s) {
+                continue;
+            }
+        }
+        if subject.is_some_and(|s| e.subject.as_deref() != Some(s)) {
+            continue;
+        }
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+        n += 1;
+    }
+    Ok(n)
+}

@@ -1,0 +1,284 @@
+//! Cryptographic primitives and the secret types that carry key material.
+//!
+//! Owns: AES-256-GCM sealing with random 96-bit nonces (fields and key
+//! wrapping), HMAC-SHA256 (blind index, pseudonyms, token hashes), Ed25519
+//! (erasure receipts, audit checkpoints), and the types `DataKey`, `Kek`,
+//! `Plaintext`. Does not own where keys live (`keyring`, `keystore`).
+//!
+//! Secret types implement neither `Debug` nor `Serialize`; their bytes leave
+//! only through an explicit `expose_*` method, and they are wiped on drop.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use ed25519_dalek::{Signer, Verifier};
+use hmac::{Hmac, Mac};
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, Zeroizing};
+
+/// Length of an AES-GCM nonce, in bytes (96 bits).
+pub const NONCE_LEN: usize = 12;
+/// Length of an AES-GCM tag, in bytes.
+pub const TAG_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("ciphertext does not authenticate")]
+    Open,
+    #[error("malformed key material")]
+    Malformed,
+}
+
+/// Fills a fresh buffer with operating-system randomness.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    OsRng.fill_bytes(&mut b);
+    b
+}
+
+/// A 256-bit symmetric key (a subject's data key, a KEK, an unseal key).
+/// Wiped on drop; cannot be printed.
+pub struct SecretKey(Zeroizing<[u8; 32]>);
+
+impl SecretKey {
+    pub fn generate() -> Self {
+        let mut k = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(k.as_mut());
+        SecretKey(k)
+    }
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::Malformed)?;
+        let k = SecretKey(Zeroizing::new(arr));
+        let mut arr = arr;
+        arr.zeroize();
+        Ok(k)
+    }
+    /// The raw key bytes: only for wrapping and key derivation.
+    pub fn expose_secret(&self) -> &[u8; 32] {
+        &self.0
+    }
+    /// An AES-256-GCM cipher under this key (its key schedule is wiped on drop).
+    pub fn aead(&self) -> Aead256 {
+        Aead256(Aes256Gcm::new(self.0.as_ref().into()))
+    }
+}
+
+/// A subject's data key (DEK): seals that subject's fields.
+pub type DataKey = SecretKey;
+
+/// AES-256-GCM with 96-bit nonces and 128-bit tags, the one AEAD of the vault.
+pub struct Aead256(Aes256Gcm);
+
+impl Aead256 {
+    pub fn new(key: &[u8; 32]) -> Self {
+        Aead256(Aes256Gcm::new(key.into()))
+    }
+
+    /// Seals under a fresh random nonce; output is `nonce || ciphertext || tag`.
+    pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+        let nonce = random_bytes::<NONCE_LEN>();
+        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&self.seal_with_nonce(&nonce, plaintext, aad));
+        out
+    }
+
+    /// Opens `nonce || ciphertext || tag`.
+    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Plaintext, CryptoError> {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return Err(CryptoError::Open);
+        }
+        let (nonce, ct) = sealed.split_at(NONCE_LEN);
+        self.open_with_nonce(nonce.try_into().expect("split at NONCE_LEN"), ct, aad)
+    }
+
+    /// Seals with a caller-chosen nonce (known-answer tests only: the vault
+    /// itself always uses `seal`). Output is `ciphertext || tag`.
+    pub fn seal_with_nonce(&self, nonce: &[u8; NONCE_LEN], plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+        self.0
+            .encrypt(Nonce::from_slice(nonce), Payload { msg: plaintext, aad })
+            .expect("AES-GCM encryption of an in-memory buffer cannot fail")
+    }
+
+    /// Opens `ciphertext || tag` under the given nonce.
+    pub fn open_with_nonce(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        ct_and_tag: &[u8],
+        aad: &[u8],
+    ) -> Result<Plaintext, CryptoError> {
+        self.0
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct_and_tag, aad })
+            .map(|v| Plaintext(Zeroizing::new(v)))
+            .map_err(|_| CryptoError::Open)
+    }
+}
+
+/// Decrypted personal data (or any secret bytes). Wiped on drop, never printed.
+pub struct Plaintext(Zeroizing<Vec<u8>>);
+
+impl Plaintext {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Plaintext(Zeroizing::new(bytes))
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn into_zeroizing(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// HMAC-SHA256 of `parts`, each length-prefixed so that no two different part
+/// lists produce the same input.
+pub fn hmac_parts(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        mac.update(&(p.len() as u64).to_be_bytes());
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// Plain HMAC-SHA256 (no framing), as specified by RFC 2104.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
+}
+
+/// Verifies a (possibly truncated, at least 128-bit) HMAC-SHA256 tag in
+/// constant time.
+pub fn hmac_sha256_verify(key: &[u8], msg: &[u8], tag: &[u8]) -> bool {
+    if tag.len() < 16 || tag.len() > 32 {
+        return false;
+    }
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(msg);
+    mac.verify_truncated_left(tag).is_ok()
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Derives a sub-key from a root secret for one named use (HMAC as a PRF).
+pub fn derive_key(root: &SecretKey, label: &str) -> SecretKey {
+    let mut k = hmac_parts(root.expose_secret(), &[b"pdvault-derive-v1", label.as_bytes()]);
+    let key = SecretKey::from_bytes(&k).expect("32 bytes");
+    k.zeroize();
+    key
+}
+
+/// The Ed25519 key that signs erasure receipts and audit checkpoints.
+pub struct ReceiptKey(ed25519_dalek::SigningKey);
+
+impl ReceiptKey {
+    pub fn generate() -> Self {
+        ReceiptKey(ed25519_dalek::SigningKey::generate(&mut OsRng))
+    }
+    pub fn from_seed(seed: &[u8]) -> Result<Self, CryptoError> {
+        let seed: [u8; 32] = seed.try_into().map_err(|_| CryptoError::Malformed)?;
+        let k = ReceiptKey(ed25519_dalek::SigningKey::from_bytes(&seed));
+        let mut seed = seed;
+        seed.zeroize();
+        Ok(k)
+    }
+    pub fn expose_seed(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+    pub fn public_key(&self) -> [u8; 32] {
+        self.0.verifying_key().to_bytes()
+    }
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        self.0.sign(msg).to_bytes()
+    }
+}
+
+/// Verifies an Ed25519 signature (RFC 8032, strict: rejects non-canonical
+/// encodings and small-order keys).
+pub fn ed25519_verify(public_key: &[u8], msg: &[u8], signature: &[u8]) -> bool {
+    let Ok(pk) = <[u8; 32]>::try_from(public_key) else {
+        return false;
+    };
+    let Ok(sig) = <[u8; 64]>::try_from(signature) else {
+        return false;
+    };
+    let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(&pk) else {
+        return false;
+    };
+    let sig = ed25519_dalek::Signature::from_bytes(&sig);
+    vk.verify_strict(msg, &sig).is_ok() && vk.verify(msg, &sig).is_ok()
+}
+
+/// Constant-time equality of two byte strings.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn round_trip_and_aad_binding() {
+        let k = SecretKey::generate().aead();
+        let s = k.seal(b"Ivanov", b"subject-1|surname|1");
+        assert_eq!(k.open(&s, b"subject-1|surname|1").unwrap().expose(), b"Ivanov");
+        assert_eq!(k.open(&s, b"subject-2|surname|1").err(), Some(CryptoError::Open));
+        assert_eq!(k.open(&s, b"subject-1|email|1").err(), Some(CryptoError::Open));
+        assert_eq!(k.open(&s, b"subject-1|surname|2").err(), Some(CryptoError::Open));
+    }
+
+    #[test]
+    fn every_flipped_byte_fails() {
+        let k = SecretKey::generate().aead();
+        let s = k.seal(b"+77015550177", b"aad");
+        for i in 0..s.len() {
+            let mut t = s.clone();
+            t[i] ^= 0x01;
+            assert!(k.open(&t, b"aad").is_err(), "byte {i}");
+        }
+        assert!(k.open(&s[..s.len() - 1], b"aad").is_err());
+        assert!(k.open(&[], b"aad").is_err());
+    }
+
+    #[test]
+    fn other_key_fails() {
+        let a = SecretKey::generate().aead();
+        let b = SecretKey::generate().aead();
+        assert!(b.open(&a.seal(b"x", b""), b"").is_err());
+    }
+
+    #[test]
+    fn hundred_thousand_nonces_never_repeat() {
+        let k = SecretKey::generate().aead();
+        let mut seen = HashSet::with_capacity(100_000);
+        for _ in 0..100_000 {
+            let s = k.seal(b"v", b"a");
+            let nonce: [u8; NONCE_LEN] = s[..NONCE_LEN].try_into().unwrap();
+            assert!(seen.insert(nonce), "nonce repeated");
+        }
+    }
+
+    #[test]
+    fn hmac_parts_is_unambiguous() {
+        let k = [7u8; 32];
+        assert_ne!(hmac_parts(&k, &[b"ab", b"c"]), hmac_parts(&k, &[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn receipt_signature_round_trip() {
+        let k = ReceiptKey::generate();
+        let sig = k.sign(b"receipt");
+        assert!(ed25519_verify(&k.public_key(), b"receipt", &sig));
+        assert!(!ed25519_verify(&k.public_key(), b"receipt!", &sig));
+        let k2 = ReceiptKey::from_seed(k.expose_seed().as_ref()).unwrap();
+        assert_eq!(k2.public_key(), k.public_key());
+    }
+}

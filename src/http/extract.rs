@@ -1,0 +1,209 @@
+//! Typed extractors: turn headers and bodies into what the core needs before a
+//! handler runs. `Caller` authenticates (with the per-peer rate limiter) and
+//! carries the purpose and justification; `JsonBody` reads a capped body and
+//! parses it without ever echoing a value in an error.
+
+use super::problem::ApiError;
+use super::AppState;
+use crate::error::VaultError;
+use crate::tokens::Authenticated;
+use crate::vault::Ctx;
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use http_body_util::BodyExt;
+use serde::de::DeserializeOwned;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the TLS layer learned about the connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: IpAddr,
+    /// Subject DN of the verified client certificate (mTLS).
+    pub cert_subject: Option<String>,
+}
+
+/// The request id (the caller's, or a new one).
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+pub const MAX_JUSTIFICATION: usize = 500;
+
+fn header_str<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match parts.headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.trim()))
+            .map_err(|_| ApiError(VaultError::BadRequest(format!("header {name} is not visible ASCII")))),
+    }
+}
+
+/// Request context without authentication (purpose, justification, ids).
+pub fn context(parts: &Parts) -> Result<Ctx, ApiError> {
+    let request_id = parts
+        .extensions
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let purpose = header_str(parts, "x-purpose")?
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    let justification = match parts.headers.get("x-justification") {
+        None => None,
+        Some(v) => {
+            let s = String::from_utf8(v.as_bytes().to_vec())
+                .map_err(|_| ApiError(VaultError::BadRequest("X-Justification must be UTF-8".into())))?;
+            let s = s.trim().to_owned();
+            if s.chars().count() > MAX_JUSTIFICATION {
+                return Err(ApiError(VaultError::BadRequest(format!(
+                    "X-Justification is limited to {MAX_JUSTIFICATION} characters"
+                ))));
+            }
+            (!s.is_empty()).then_some(s)
+        }
+    };
+    let cert_subject = parts.extensions.get::<ConnInfo>().and_then(|c| c.cert_subject.clone());
+    Ok(Ctx {
+        request_id,
+        purpose,
+        justification,
+        cert_subject,
+    })
+}
+
+/// An authenticated caller.
+pub struct Caller {
+    pub ctx: Ctx,
+    pub auth: Authenticated,
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnInfo>().map(|c| c.peer);
+        if let Some(secs) = peer.and_then(|p| state.limiter.locked(p)) {
+            state.vault.metrics.rate_limited.inc();
+            return Err(ApiError(VaultError::RateLimited { retry_after_secs: secs }));
+        }
+        let ctx = context(parts)?;
+        let bearer = header_str(parts, "authorization")?.and_then(|h| {
+            let (scheme, rest) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+        match state.vault.authenticate(&ctx, bearer).await {
+            Ok(auth) => {
+                if let Some(p) = peer {
+                    state.limiter.success(p);
+                }
+                Ok(Caller { ctx, auth })
+            }
+            Err(e) => {
+                if let (Some(p), VaultError::TokenInvalid, Some(_)) = (peer, &e, bearer) {
+                    let delay = state.limiter.failure(p);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay.min(Duration::from_secs(2))).await;
+                    }
+                }
+                Err(ApiError(e))
+            }
+        }
+    }
+}
+
+/// Reads at most `limit` bytes; past it, drains (bounded) and answers 413 so
+/// that the client reads the answer instead of a reset connection.
+pub async fn read_capped(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    const DRAIN_MAX: usize = 16 << 20;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut total = 0usize;
+    let too_large = ApiError(VaultError::PayloadTooLarge { limit });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(_))) => {
+                return Err(ApiError(VaultError::BadRequest(
+                    "the request body could not be read".into(),
+                )))
+            }
+            Ok(None) => break,
+            Err(_) if total > limit => return Err(too_large),
+            Err(_) => {
+                return Err(ApiError(VaultError::BadRequest(
+                    "the request body arrived too slowly".into(),
+                )))
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total <= limit {
+                buf.extend_from_slice(&data);
+            } else {
+                buf.clear();
+                if total > DRAIN_MAX {
+                    return Err(too_large);
+                }
+            }
+        }
+    }
+    if total > limit {
+        return Err(too_large);
+    }
+    Ok(buf.freeze())
+}
+
+/// Parses JSON without letting serde's messages (which may quote a value)
+/// reach the caller.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError(VaultError::BadRequest(format!(
+            "the request body is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        )))
+    })?;
+    serde_json::from_value(v).map_err(|e| {
+        let m = e.to_string();
+        let safe = (m.starts_with("missing field") || m.starts_with("unknown field")) && !m.contains('"');
+        let detail = if safe {
+            format!(
+                "the request body does not match the expected shape: {}",
+                m.split(", expected").next().unwrap_or(&m)
+            )
+        } else {
+            "the request body does not match the expected shape (a value has the wrong type)".to_owned()
+        };
+        ApiError(VaultError::BadRequest(detail))
+    })
+}
+
+/// A JSON body capped at the normal limit.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let limit = state.vault.cfg.server.body_limit;
+        let bytes = read_capped(req.into_body(), limit).await?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// A JSON body capped at the batch limit.
+pub struct BatchBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for BatchBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let limit = state.vault.cfg.server.batch_body_limit;
+        let bytes = read_capped(req.into_body(), limit).await?;
+        parse_json(&bytes).map(BatchBody)
+    }
+}

@@ -1,0 +1,82 @@
+//! The HTTP adapter: routes of API.md over the vault core. Owns routing, the
+//! request-id middleware, and the mapping of errors to problem+json (in
+//! `problem`). TLS and connection handling live in `server`.
+
+pub mod extract;
+pub mod handlers;
+pub mod problem;
+pub mod server;
+
+use crate::ratelimit::RateLimiter;
+use crate::vault::Vault;
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::Router;
+use extract::RequestId;
+use std::sync::Arc;
+
+/// The OpenAPI 3.1 document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub struct AppState {
+    pub vault: Arc<Vault>,
+    pub limiter: RateLimiter,
+}
+
+fn valid_request_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Every response carries `X-Request-Id`: the caller's, or a new one.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| valid_request_id(s))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "(unmatched)".into());
+    let started = std::time::Instant::now();
+    let mut resp = next.run(req).await;
+    resp.headers_mut()
+        .insert("x-request-id", HeaderValue::from_str(&id).expect("validated ascii"));
+    // Route templates only: a path's subject id is fine, a query never logged.
+    tracing::info!(request_id = %id, %method, route, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    resp
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/receipts/public-key", get(public_key))
+        .route("/v1/subjects", post(create))
+        .route("/v1/subjects:batchGet", post(batch_get))
+        .route("/v1/subjects:batchCreate", post(batch_create))
+        .route("/v1/subjects/{id}", get(read).patch(patch).delete(erase))
+        .route("/v1/subjects/{id}/consents", get(consents))
+        .route("/v1/subjects/{id}/consents/{purpose}", put(set_consent))
+        .route("/v1/subjects/{id}/access-log", get(access_log))
+        .route("/v1/lookup", post(lookup))
+        .route("/v1/grants", post(mint_grant))
+        .route("/v1/admin/tokens", post(issue_token).get(list_tokens))
+        .route("/v1/admin/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/v1/admin/rotate-kek", post(rotate_kek))
+        .route("/v1/admin/backup", get(backup))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(state)
+}

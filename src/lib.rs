@@ -1,0 +1,27 @@
+//! pdvault: an encrypted personal-data vault.
+//!
+//! `vault` is the core (no HTTP in it); `http` is a thin adapter over it and
+//! `cli` the operator's front end. The key hierarchy is in `keyring` (KEK
+//! epochs), `storage` (wrapped data keys, ciphertexts) and `crypto`.
+
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod devkeys;
+pub mod error;
+pub mod faults;
+pub mod fields;
+pub mod fsutil;
+pub mod http;
+pub mod keyring;
+pub mod ledger;
+pub mod metrics;
+pub mod policy;
+pub mod ratelimit;
+pub mod receipt;
+pub mod release;
+pub mod scheduler;
+pub mod storage;
+pub mod tokens;
+pub mod vault;

@@ -1,0 +1,61 @@
+//! Background duties of a running server: scheduled key rotation, destruction
+//! of retired epochs past retention, the retention sweeper and signed audit
+//! checkpoints. Owns only the timing; the work is the vault core's.
+
+use crate::fsutil::{now_secs, rfc3339};
+use crate::vault::Vault;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the scheduler wakes.
+pub const TICK: Duration = Duration::from_secs(60);
+
+pub fn spawn(vault: Arc<Vault>, tick: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last_sweep = 0u64;
+        let mut last_checkpoint = now_secs();
+        // An interrupted rotation is finished first.
+        if vault.keyring().rotation().is_some() {
+            match vault.rotate_kek().await {
+                Ok((epoch, n)) => tracing::info!(epoch, rewrapped = n, "finished an interrupted key rotation"),
+                Err(e) => tracing::error!(error = %e, "could not finish an interrupted key rotation"),
+            }
+        }
+        loop {
+            let now = now_secs();
+            let cfg = &vault.cfg;
+            if now >= vault.keyring().last_rotation_at() + cfg.keys.rotate_every.as_secs() {
+                match vault.rotate_kek().await {
+                    Ok((epoch, n)) => tracing::info!(epoch, rewrapped = n, "scheduled key rotation done"),
+                    Err(e) => tracing::error!(error = %e, "scheduled key rotation failed"),
+                }
+            }
+            if let Err(e) = vault.destroy_expired_epochs() {
+                tracing::error!(error = %e, "could not destroy expired epochs");
+            }
+            if let Some(after) = cfg.retention.inactive_after {
+                if now >= last_sweep + cfg.retention.sweep_every.as_secs() {
+                    last_sweep = now;
+                    let cutoff = now.saturating_sub(after.as_secs());
+                    let why = format!(
+                        "retention.inactive_after = {}: no write since {}",
+                        humantime::format_duration(after),
+                        rfc3339(cutoff)
+                    );
+                    match vault.sweep_inactive(cutoff, &why).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(erased = n, "retention sweep"),
+                        Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+                    }
+                }
+            }
+            if now >= last_checkpoint + cfg.audit.checkpoint_every.as_secs() {
+                last_checkpoint = now;
+                if let Err(e) = vault.audit_checkpoint() {
+                    tracing::error!(error = %e, "audit checkpoint failed");
+                }
+            }
+            tokio::time::sleep(tick).await;
+        }
+    })
+}
