@@ -1,0 +1,276 @@
+//! Test kit: each test starts the real `pdvault` binary (`serve --dev`) on its
+//! own loopback port with fresh data and keys directories, and talks to it
+//! over real TLS with reqwest, trusting the dev certificate the server made.
+#![allow(dead_code)]
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pdvault");
+
+pub fn config_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pdvault.toml")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub client: reqwest::Client,
+    pub admin: String,
+    pub config: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Server {
+    /// A fresh dev server with the shipped config.
+    pub async fn start() -> Server {
+        Self::start_with(None, vec![]).await
+    }
+
+    /// A fresh dev server; `extra_toml` is appended to a copy of the shipped
+    /// config (so a test can change a section), `env` is passed to the process.
+    pub async fn start_with(config_edit: Option<&dyn Fn(String) -> String>, env: Vec<(&str, &str)>) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = std::fs::read_to_string(config_path()).unwrap();
+        let text = match config_edit {
+            Some(f) => f(shipped),
+            None => shipped,
+        };
+        let config = dir.path().join("pdvault.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut s = Server {
+            dir,
+            port: free_port(),
+            child: None,
+            client: reqwest::Client::new(),
+            admin: String::new(),
+            config,
+            env: env.into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        };
+        s.spawn().await;
+        s
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn keys_dir(&self) -> PathBuf {
+        self.dir.path().join("keys")
+    }
+    pub fn base(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The command line with this server's config and directories.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config")
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--keys-dir")
+            .arg(self.keys_dir())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .env_remove("PDVAULT_PASSPHRASE")
+            .env_remove("PDVAULT_TOKEN");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Starts (or restarts) the process and waits until it answers.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join(format!("server-{}.log", self.port))).unwrap();
+        let child = self
+            .cmd()
+            .args(["serve", "--dev"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start pdvault");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let cert = self.keys_dir().join("tls-cert.pem");
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait().unwrap() {
+                    panic!("pdvault exited early ({status}); log:\n{}", self.log());
+                }
+            }
+            if cert.exists() && self.keys_dir().join("admin.token").exists() {
+                let pem = std::fs::read(&cert).unwrap();
+                self.client = client_trusting(&pem, None);
+                if let Ok(r) = self.client.get(format!("{}/v1/health", self.base())).send().await {
+                    if r.status() == 200 {
+                        self.admin = std::fs::read_to_string(self.keys_dir().join("admin.token")).unwrap();
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not become ready; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("server-{}.log", self.port))).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (graceful stop).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe_free_kill(c.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub async fn call(&self, method: Method, path: &str, token: &str, purpose: Option<&str>, body: Option<Value>) -> Resp {
+        let mut rq = self.client.request(method, format!("{}{}", self.base(), path));
+        if !token.is_empty() {
+            rq = rq.bearer_auth(token);
+        }
+        if let Some(p) = purpose {
+            rq = rq.header("X-Purpose", p);
+        }
+        if let Some(b) = body {
+            rq = rq.json(&b);
+        }
+        send(rq).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str, purpose: Option<&str>) -> Resp {
+        self.call(Method::GET, path, token, purpose, None).await
+    }
+    pub async fn post(&self, path: &str, token: &str, purpose: Option<&str>, body: Value) -> Resp {
+        self.call(Method::POST, path, token, purpose, Some(body)).await
+    }
+
+    /// Issues a token through the admin API; returns its text.
+    pub async fn token(&self, caller: &str, purposes: &[&str], caps: &[&str]) -> String {
+        let r = self.issue(caller, purposes, caps, 3600).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        r.body["token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn issue(&self, caller: &str, purposes: &[&str], caps: &[&str], ttl: u64) -> Resp {
+        let body = json!({"caller": caller, "purposes": purposes, "capabilities": caps, "ttl_seconds": ttl});
+        self.post("/v1/admin/tokens", &self.admin, None, body).await
+    }
+
+    /// Creates a subject under `order`; returns its id.
+    pub async fn create(&self, token: &str, fields: Value) -> String {
+        let r = self.post("/v1/subjects", token, Some("order"), json!({ "fields": fields })).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        r.body["id"].as_str().unwrap().to_string()
+    }
+
+    /// Every byte of the data and keys directories.
+    pub fn all_bytes(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = vec![];
+        for d in [self.data_dir(), self.keys_dir()] {
+            walk(&d, &mut out);
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn walk(d: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+    let Ok(rd) = std::fs::read_dir(d) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push((p, b));
+        }
+    }
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Sends a signal with the `kill` command (no unsafe code in tests).
+pub fn unsafe_free_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+pub fn client_trusting(pem: &[u8], identity: Option<reqwest::Identity>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(pem).unwrap())
+        .timeout(Duration::from_secs(60));
+    if let Some(id) = identity {
+        b = b.identity(id);
+    }
+    b.build().unwrap()
+}
+
+pub async fn send(rq: reqwest::RequestBuilder) -> Resp {
+    let r = rq.send().await.expect("request");
+    let status = r.status();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Resp { status, headers, body, text }
+}
+
+/// A full subject with distinctive values.
+pub fn full_subject() -> Value {
+    json!({
+        "surname": "Ivanova",
+        "given_name": "Aigerim",
+        "patronymic": "Serikovna",
+        "phone": "8 701 555 01 77",
+        "email": "aigerim.k@example.kz",
+        "address": {"country": "KZ", "region": "Almaty Region", "city": "Almaty", "street": "Abai Ave", "building": "10", "apartment": "5", "postal_code": "050000"}
+    })
+}
