@@ -224,7 +224,8 @@ impl Policy {
 
         // 3. the capability
         let cap = capability_for(req.action);
-        if !has(cap) && !(req.action == Action::AccessLog && has(Capability::Audit)) {
+        let via_audit = req.action == Action::AccessLog && has(Capability::Audit);
+        if !(has(cap) || via_audit) {
             return Err(VaultError::CapabilityMissing(format!(
                 "this call needs the {} capability",
                 cap.as_str()

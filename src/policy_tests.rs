@@ -61,7 +61,9 @@ fn req<'a>(purpose: &'a str, action: Action, subject: SubjectState, fields: Fiel
 const LIVE: SubjectState = SubjectState::Live { consent: None };
 
 /// API.md's purpose table: purpose -> (field, form) released by default.
-fn table() -> Vec<(&'static str, Vec<(&'static str, ReleaseForm)>, bool)> {
+type Row = (&'static str, Vec<(&'static str, ReleaseForm)>, bool);
+
+fn table() -> Vec<Row> {
     let names = |f: ReleaseForm| vec![("given_name", f), ("patronymic", f), ("surname", f)];
     let all = |f: ReleaseForm| ALL.iter().map(|n| (*n, f)).collect::<Vec<_>>();
     let mut payment = names(Plain);

@@ -295,6 +295,8 @@ impl Vault {
     }
 
     /// Runs the decision; a refusal is recorded before it is returned.
+    // The arguments are exactly the decision's inputs plus the audit name.
+    #[allow(clippy::too_many_arguments)]
     async fn decide(
         &self,
         ctx: &Ctx,
