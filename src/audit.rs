@@ -91,6 +91,8 @@ pub struct AuditLog {
     dir: PathBuf,
     writer: Mutex<Writer>,
     flusher: Flusher,
+    /// `audit.fsync`: when false (benchmarks only) appends are written but not flushed.
+    fsync: bool,
     poisoned: AtomicBool,
     access: sled::Tree,
     fault_file: Option<PathBuf>,
@@ -107,8 +109,14 @@ impl AuditLog {
     }
 
     /// Opens the log, dropping a torn last line (never acknowledged), and
-    /// brings the access-log index up to date.
-    pub fn open(data_dir: &Path, access: sled::Tree, meta: &sled::Tree) -> Result<AuditLog> {
+    /// brings the access-log index up to date. With `fsync` false (config
+    /// `audit.fsync`, benchmarks only) appends skip the fdatasync.
+    pub fn open(data_dir: &Path, access: sled::Tree, meta: &sled::Tree, fsync: bool) -> Result<AuditLog> {
+        if !fsync {
+            tracing::warn!(
+                "audit.fsync = false: benchmark-only: audit entries are not durable (a crash can lose acknowledged entries)"
+            );
+        }
         let dir = data_dir.join("audit");
         crate::fsutil::create_private_dir(&dir)?;
         let path = dir.join("audit.log");
@@ -155,6 +163,7 @@ impl AuditLog {
             dir,
             writer: Mutex::new(Writer { file, seq, head }),
             flusher: Flusher::spawn("audit", move || sync_file.sync_data()),
+            fsync,
             poisoned: AtomicBool::new(false),
             access,
             fault_file,
@@ -211,7 +220,7 @@ impl AuditLog {
             w.head = head;
             entries
         };
-        if self.flusher.sync().await.is_err() {
+        if self.fsync && self.flusher.sync().await.is_err() {
             self.poisoned.store(true, Ordering::SeqCst);
             return Err(VaultError::AuditUnavailable);
         }

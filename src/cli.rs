@@ -73,6 +73,15 @@ enum Command {
     Backup { file: PathBuf },
     /// Restore a backup into an empty data directory (offline); replays the shred ledger.
     Restore { file: PathBuf },
+    /// Load-benchmark baseline (`cargo bench --bench load`): the same TLS stack and
+    /// accept loop answering `GET /v1/subjects/{id}` with a fixed JSON body; no
+    /// token check, storage, crypto or audit. Needs an existing TLS cert and key.
+    #[command(hide = true)]
+    BenchBaseline {
+        /// Size of the fixed JSON body in bytes.
+        #[arg(long, default_value_t = 220)]
+        body_bytes: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,6 +206,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Audit(a) => audit(cfg, a),
         Command::Backup { file } => backup(cfg, &file).await,
         Command::Restore { file } => restore(cfg, &file),
+        Command::BenchBaseline { body_bytes } => bench_baseline(cfg, body_bytes).await,
     }
 }
 
@@ -280,6 +290,44 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
     Ok(())
 }
 
+/// A JSON object of exactly `n` bytes (at least `{}`).
+fn baseline_body(n: usize) -> bytes::Bytes {
+    const HEAD: &str = "{\"pad\":\"";
+    const TAIL: &str = "\"}";
+    let mut s = String::with_capacity(n.max(2));
+    if n >= HEAD.len() + TAIL.len() {
+        s.push_str(HEAD);
+        s.extend(std::iter::repeat_n('x', n - HEAD.len() - TAIL.len()));
+        s.push_str(TAIL);
+    } else {
+        s.push_str("{}");
+        s.extend(std::iter::repeat_n(' ', n.saturating_sub(2)));
+    }
+    bytes::Bytes::from(s)
+}
+
+/// The load benchmark's baseline server (hidden command): the serving stack of
+/// `serve` (rustls config, accept loop, hyper) with none of the vault behind it.
+async fn bench_baseline(cfg: Config, body_bytes: usize) -> CliResult {
+    let tls = http::server::tls_config(&cfg)?;
+    let body = baseline_body(body_bytes);
+    let app = axum::Router::new().route(
+        "/v1/subjects/{id}",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.server.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::warn!("bench-baseline: a benchmark stand-in, not the vault: it answers every read with a fixed body");
+    eprintln!("pdvault: bench baseline listening on https://{addr}");
+    http::server::serve(listener, tls, app, &cfg, http::server::shutdown_signal()).await;
+    Ok(())
+}
+
 // ----- talking to a running server -------------------------------------------------
 
 struct Remote {
@@ -320,6 +368,14 @@ async fn remote(cfg: &Config) -> CliResult<Option<Remote>> {
         for c in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", cert.display()))? {
             b = b.add_root_certificate(c);
         }
+    }
+    if let (Ok(c), Ok(k)) = (
+        std::env::var("PDVAULT_CLIENT_CERT"),
+        std::env::var("PDVAULT_CLIENT_KEY"),
+    ) {
+        let mut pem = std::fs::read(&c).map_err(|e| format!("{c}: {e}"))?;
+        pem.extend(std::fs::read(&k).map_err(|e| format!("{k}: {e}"))?);
+        b = b.identity(reqwest::Identity::from_pem(&pem).map_err(|e| format!("client certificate: {e}"))?);
     }
     let client = b.build().map_err(|e| e.to_string())?;
     Ok(Some(Remote {
@@ -577,4 +633,16 @@ fn restore(cfg: Config, file: &Path) -> CliResult {
     let report = crate::vault::restore(&cfg, &mut f).map_err(|e| e.to_string())?;
     print_json(&report);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn baseline_body_has_the_asked_size_and_is_json() {
+        for n in [0, 1, 2, 5, 11, 12, 220, 4096] {
+            let b = super::baseline_body(n);
+            assert_eq!(b.len(), n.max(2), "n = {n}");
+            assert!(serde_json::from_slice::<serde_json::Value>(&b).unwrap().is_object());
+        }
+    }
 }

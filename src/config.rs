@@ -127,12 +127,17 @@ pub struct AuditConfig {
     /// How often the head of the audit chain is signed into a checkpoint.
     #[serde(deserialize_with = "de_duration")]
     pub checkpoint_every: Duration,
+    /// Make every audit append durable (fdatasync, group-committed) before the
+    /// response. `false` is for benchmarks only: entries are still written but
+    /// may be lost in a crash, which API.md does not allow in production.
+    pub fsync: bool,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             checkpoint_every: Duration::from_secs(300),
+            fsync: true,
         }
     }
 }
@@ -478,6 +483,15 @@ mod tests {
         assert!(Config::from_toml(&bad, &Overrides::default()).is_err());
         let weak = SHIPPED.replace("argon2_m_kib = 65536", "argon2_m_kib = 1024");
         assert!(Config::from_toml(&weak, &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn audit_fsync_defaults_on_and_can_be_turned_off() {
+        let c = Config::from_toml(SHIPPED, &Overrides::default()).unwrap();
+        assert!(c.audit.fsync);
+        let off = SHIPPED.replace("fsync = true", "fsync = false");
+        assert_ne!(off, SHIPPED);
+        assert!(!Config::from_toml(&off, &Overrides::default()).unwrap().audit.fsync);
     }
 
     #[test]

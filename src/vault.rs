@@ -184,7 +184,8 @@ impl Vault {
         let keystore = KeyStore::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
         let (ledger, entries) = Ledger::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
         replay_ledger(&store, &keystore, &entries).map_err(|e| e.to_string())?;
-        let audit = AuditLog::open(&cfg.data_dir, store.access.clone(), &store.meta).map_err(|e| e.to_string())?;
+        let audit = AuditLog::open(&cfg.data_dir, store.access.clone(), &store.meta, cfg.audit.fsync)
+            .map_err(|e| e.to_string())?;
         let tokens = Tokens::new(keyring.token_key());
         Ok(Vault {
             cfg,
@@ -261,16 +262,36 @@ impl Vault {
         fields: Vec<String>,
         err: Option<&VaultError>,
     ) -> Draft {
+        // Caller-chosen text (a path id, field names, the purpose header) is
+        // recorded only when it has the shape of an id or a name: a value
+        // pasted where an id belongs never reaches the log.
+        let name = |s: &str| {
+            if s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                s.to_owned()
+            } else {
+                "(malformed)".to_owned()
+            }
+        };
         Draft {
             request_id: ctx.request_id.clone(),
             caller: auth.map(|a| a.record.caller.clone()),
             token_id: auth.map(|a| a.record.id.clone()),
-            purpose: ctx.purpose.clone(),
+            purpose: ctx.purpose.as_deref().map(name),
             action: action.to_owned(),
-            subject: subject.map(str::to_owned),
-            fields,
+            subject: subject.map(|s| {
+                if valid_subject_id(s) {
+                    s.to_owned()
+                } else {
+                    "(malformed)".to_owned()
+                }
+            }),
+            fields: fields.iter().map(|f| name(f)).collect(),
             code: err.map(|e| e.code().to_owned()),
-            justification: ctx.justification.clone(),
+            // At most 500 characters are kept (longer ones are refused later).
+            justification: ctx.justification.as_ref().map(|j| j.chars().take(500).collect()),
         }
     }
 
@@ -280,7 +301,14 @@ impl Vault {
             self.metrics
                 .decisions
                 .get_or_create(&DecisionLabels {
-                    purpose: d.purpose.clone().unwrap_or_default(),
+                    // Only configured purpose names become label values: X-Purpose is
+                    // caller text (unescaped quotes would break the exposition, and every
+                    // made-up name would be a new series). The audit entry keeps the text.
+                    purpose: match d.purpose.as_deref() {
+                        Some(p) if self.cfg.policy.purposes.contains_key(p) => p.to_owned(),
+                        Some(_) => "(unknown)".to_owned(),
+                        None => String::new(),
+                    },
                     caller: d.caller.clone().unwrap_or_default(),
                     action: d.action.clone(),
                     outcome: if d.allowed() { "allowed" } else { "refused" }.into(),
@@ -1389,7 +1417,7 @@ impl Vault {
             FieldsAsked::Named(n) => n.to_vec(),
         };
         if fields.is_empty() {
-            return wide("a grant must cover at least one field");
+            return Err(VaultError::BadRequest("a grant must cover at least one field".into()));
         }
         if fields.iter().any(|f| !p.fields.contains_key(f)) {
             return wide("a field is not covered by the purpose");
@@ -1418,10 +1446,16 @@ impl Vault {
     pub async fn rotate_kek(&self) -> Result<(u32, u64)> {
         let _r = self.rotation.lock().await;
         let now = now_secs();
-        let rot = self
-            .keyring
-            .begin_rotation(now)
-            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        // Writers wrap data keys under the current epoch while holding the
+        // gate: let those in flight land before the new epoch becomes current,
+        // so the re-wrap pass below sees every key left under an old epoch
+        // (else a key stored after the pass is lost when its epoch is destroyed).
+        let rot = {
+            let _g = self.gate.write().await;
+            self.keyring
+                .begin_rotation(now)
+                .map_err(|e| VaultError::Internal(e.to_string()))?
+        };
         let target_kek = self
             .keyring
             .kek(rot.target)
@@ -1553,12 +1587,39 @@ fn first_admin_token() -> NewToken {
 /// DN (RFC 4514, as x509-parser prints it) or its common name.
 pub fn cert_matches(bound: &str, presented: Option<&str>) -> bool {
     let Some(p) = presented else { return false };
-    let norm = |s: &str| s.split(',').map(|x| x.trim()).collect::<Vec<_>>().join(",");
+    let norm = |s: &str| split_dn(s).into_iter().map(str::trim).collect::<Vec<_>>().join(",");
     if norm(bound) == norm(p) {
         return true;
     }
-    let cn = p.split(',').map(str::trim).find_map(|x| x.strip_prefix("CN="));
+    // The common name form: only for a subject with exactly one CN.
+    let mut cns = split_dn(p)
+        .into_iter()
+        .map(str::trim)
+        .filter_map(|x| x.strip_prefix("CN="));
+    let cn = match (cns.next(), cns.next()) {
+        (Some(c), None) => Some(c),
+        _ => None,
+    };
     !bound.contains('=') && cn == Some(bound) || bound.strip_prefix("CN=").is_some_and(|b| cn == Some(b))
+}
+
+/// Splits a DN at its RDN separators: commas not escaped with a backslash.
+fn split_dn(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            ',' => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
 }
 
 /// Removes an erased subject's data and records its receipt. Idempotent;
@@ -1596,7 +1657,7 @@ pub fn replay_ledger(store: &Store, keystore: &KeyStore, entries: &[LedgerEntry]
         .get("ledger_applied")?
         .and_then(|b| serde_json::from_slice::<(u64, String)>(&b).ok());
     let start = match applied {
-        Some((seq, hash)) if entries.get(seq as usize - 1).is_some_and(|e| e.hash == hash) || seq == 0 => seq as usize,
+        Some((seq, hash)) if seq >= 1 && entries.get(seq as usize - 1).is_some_and(|e| e.hash == hash) => seq as usize,
         _ => 0,
     };
     let mut n = 0;

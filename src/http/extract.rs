@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use zeroize::{Zeroize, Zeroizing};
 
 /// What the TLS layer learned about the connection.
 #[derive(Clone, Debug)]
@@ -57,11 +58,6 @@ pub fn context(parts: &Parts) -> Result<Ctx, ApiError> {
             let s = String::from_utf8(v.as_bytes().to_vec())
                 .map_err(|_| ApiError(VaultError::BadRequest("X-Justification must be UTF-8".into())))?;
             let s = s.trim().to_owned();
-            if s.chars().count() > MAX_JUSTIFICATION {
-                return Err(ApiError(VaultError::BadRequest(format!(
-                    "X-Justification is limited to {MAX_JUSTIFICATION} characters"
-                ))));
-            }
             (!s.is_empty()).then_some(s)
         }
     };
@@ -99,6 +95,17 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                 if let Some(p) = peer {
                     state.limiter.success(p);
                 }
+                // Checked after authentication, so an unauthenticated caller
+                // learns nothing but 401.
+                if ctx
+                    .justification
+                    .as_ref()
+                    .is_some_and(|j| j.chars().count() > MAX_JUSTIFICATION)
+                {
+                    return Err(ApiError(VaultError::BadRequest(format!(
+                        "X-Justification is limited to {MAX_JUSTIFICATION} characters"
+                    ))));
+                }
                 Ok(Caller { ctx, auth })
             }
             Err(e) => {
@@ -116,10 +123,11 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 
 /// Reads at most `limit` bytes; past it, drains (bounded) and answers 413 so
 /// that the client reads the answer instead of a reset connection.
-pub async fn read_capped(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+pub async fn read_capped(body: Body, limit: usize) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     const DRAIN_MAX: usize = 16 << 20;
     let mut body = body;
-    let mut buf = bytes::BytesMut::new();
+    // The body holds personal values: our copy is wiped when dropped.
+    let mut buf = Zeroizing::new(Vec::new());
     let mut total = 0usize;
     let too_large = ApiError(VaultError::PayloadTooLarge { limit });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -144,6 +152,7 @@ pub async fn read_capped(body: Body, limit: usize) -> Result<bytes::Bytes, ApiEr
             if total <= limit {
                 buf.extend_from_slice(&data);
             } else {
+                buf.zeroize();
                 buf.clear();
                 if total > DRAIN_MAX {
                     return Err(too_large);
@@ -154,7 +163,7 @@ pub async fn read_capped(body: Body, limit: usize) -> Result<bytes::Bytes, ApiEr
     if total > limit {
         return Err(too_large);
     }
-    Ok(buf.freeze())
+    Ok(buf)
 }
 
 /// Parses JSON without letting serde's messages (which may quote a value)

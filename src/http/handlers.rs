@@ -90,6 +90,12 @@ pub struct FieldsBody {
     fields: Map<String, Value>,
 }
 
+impl Drop for FieldsBody {
+    fn drop(&mut self) {
+        self.fields.values_mut().for_each(crate::vault::wipe_value);
+    }
+}
+
 pub async fn create(State(st): S, c: Caller, JsonBody(b): JsonBody<FieldsBody>) -> ApiResult {
     let (id, version) = st.vault.create(&c.ctx, &c.auth, &b.fields).await?;
     let mut r = json_response(StatusCode::CREATED, &json!({"id": id, "version": version}));
@@ -197,8 +203,17 @@ pub struct BatchCreateBody {
 }
 
 pub async fn batch_create(State(st): S, c: Caller, BatchBody(b): BatchBody<BatchCreateBody>) -> ApiResult {
-    let subjects: Vec<Map<String, Value>> = b.subjects.into_iter().map(|s| s.fields).collect();
-    let items = st.vault.batch_create(&c.ctx, &c.auth, &subjects).await?;
+    let mut subjects: Vec<Map<String, Value>> = b
+        .subjects
+        .into_iter()
+        .map(|mut s| std::mem::take(&mut s.fields))
+        .collect();
+    let items = st.vault.batch_create(&c.ctx, &c.auth, &subjects).await;
+    subjects
+        .iter_mut()
+        .flat_map(|m| m.values_mut())
+        .for_each(crate::vault::wipe_value);
+    let items = items?;
     let results: Vec<Value> = items
         .iter()
         .map(|i| match i {

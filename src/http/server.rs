@@ -61,9 +61,54 @@ pub fn tls_config(cfg: &Config) -> Result<rustls::ServerConfig, String> {
     Ok(tls)
 }
 
+/// The subject DN as RFC 4514 text, with special characters in attribute
+/// values escaped, so that a value such as `x, CN=someone` cannot pose as
+/// another attribute when the DN is compared with a token's binding.
 fn subject_of(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::objects::{oid2abbrev, oid_registry};
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    Some(parsed.subject().to_string())
+    let mut rdns = Vec::new();
+    for rdn in parsed.subject().iter() {
+        let mut attrs = Vec::new();
+        for a in rdn.iter() {
+            let key = oid2abbrev(a.attr_type(), oid_registry())
+                .map(str::to_owned)
+                .unwrap_or_else(|_| a.attr_type().to_id_string());
+            let value = match a.as_str() {
+                Ok(s) => escape_dn_value(s),
+                Err(_) => format!("#{}", hex::encode(a.as_slice())),
+            };
+            attrs.push(format!("{key}={value}"));
+        }
+        rdns.push(attrs.join(" + "));
+    }
+    Some(rdns.join(", "))
+}
+
+fn escape_dn_value(s: &str) -> String {
+    let n = s.chars().count();
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.chars().enumerate() {
+        match c {
+            ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' | ' ' if i == 0 => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' ' if i + 1 == n => out.push_str("\\ "),
+            c if c.is_control() => {
+                let mut b = [0u8; 4];
+                for byte in c.encode_utf8(&mut b).bytes() {
+                    out.push_str(&format!("\\{byte:02X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Resolves when the process is asked to stop.

@@ -16,7 +16,11 @@ pub fn config_path() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Server {
@@ -128,7 +132,11 @@ impl Server {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "server did not become ready; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "server did not become ready; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -162,7 +170,14 @@ impl Server {
         self.spawn().await;
     }
 
-    pub async fn call(&self, method: Method, path: &str, token: &str, purpose: Option<&str>, body: Option<Value>) -> Resp {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        purpose: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
         let mut rq = self.client.request(method, format!("{}{}", self.base(), path));
         if !token.is_empty() {
             rq = rq.bearer_auth(token);
@@ -197,7 +212,9 @@ impl Server {
 
     /// Creates a subject under `order`; returns its id.
     pub async fn create(&self, token: &str, fields: Value) -> String {
-        let r = self.post("/v1/subjects", token, Some("order"), json!({ "fields": fields })).await;
+        let r = self
+            .post("/v1/subjects", token, Some("order"), json!({ "fields": fields }))
+            .await;
         assert_eq!(r.status, 201, "{}", r.text);
         r.body["id"].as_str().unwrap().to_string()
     }
@@ -239,7 +256,10 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// Sends a signal with the `kill` command (no unsafe code in tests).
 pub fn unsafe_free_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 pub fn client_trusting(pem: &[u8], identity: Option<reqwest::Identity>) -> reqwest::Client {
@@ -260,7 +280,12 @@ pub async fn send(rq: reqwest::RequestBuilder) -> Resp {
     let headers = r.headers().clone();
     let text = r.text().await.unwrap();
     let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Resp { status, headers, body, text }
+    Resp {
+        status,
+        headers,
+        body,
+        text,
+    }
 }
 
 /// A full subject with distinctive values.
