@@ -436,8 +436,32 @@ pub fn verify(data_dir: &Path, public_key: Option<&[u8; 32]>) -> Result<Verdict>
     })
 }
 
-/// Streams entries as JSON lines, filtered by time (Unix seconds) and subject.
-pub fn export(data_dir: &Path, since: Option<u64>, subject: Option<&str>, out: &mut dyn Write) -> Result<u64> {
+/// Which entries `pdvault audit export` writes.
+#[derive(Debug, Default, Clone)]
+pub struct ExportFilter {
+    /// Unix seconds: entries at or after.
+    pub since: Option<u64>,
+    pub subject: Option<String>,
+    /// Entries that name this field.
+    pub field: Option<String>,
+    /// Allowed releases only (reads, batch reads, lookups).
+    pub released: bool,
+}
+
+impl ExportFilter {
+    pub fn keeps(&self, e: &AuditEntry) -> bool {
+        let early = self
+            .since
+            .is_some_and(|s| crate::fsutil::parse_rfc3339(&e.at).is_some_and(|t| t < s));
+        let other_subject = self.subject.as_ref().is_some_and(|s| e.subject.as_ref() != Some(s));
+        let other_field = self.field.as_ref().is_some_and(|f| !e.fields.contains(f));
+        let not_release = self.released && !(e.outcome == "allowed" && is_release(&e.action));
+        !(early || other_subject || other_field || not_release)
+    }
+}
+
+/// Streams the entries the filter keeps, as JSON lines.
+pub fn export(data_dir: &Path, filter: &ExportFilter, out: &mut dyn Write) -> Result<u64> {
     let path = AuditLog::log_path(data_dir);
     let f = File::open(&path).map_err(|e| VaultError::Internal(format!("{}: {e}", path.display())))?;
     let mut n = 0;
@@ -446,17 +470,11 @@ pub fn export(data_dir: &Path, since: Option<u64>, subject: Option<&str>, out: &
         let Ok(e) = serde_json::from_str::<AuditEntry>(&line) else {
             continue;
         };
-        if let Some(s) = since {
-            if crate::fsutil::parse_rfc3339(&e.at).is_some_and(|t| t < s) {
-                continue;
-            }
+        if filter.keeps(&e) {
+            out.write_all(line.as_bytes())?;
+            out.write_all(b"\n")?;
+            n += 1;
         }
-        if subject.is_some_and(|s| e.subject.as_deref() != Some(s)) {
-            continue;
-        }
-        out.write_all(line.as_bytes())?;
-        out.write_all(b"\n")?;
-        n += 1;
     }
     Ok(n)
 }

@@ -118,6 +118,12 @@ enum AuditCmd {
         since: Option<String>,
         #[arg(long)]
         subject: Option<String>,
+        /// Only entries naming this field (e.g. address).
+        #[arg(long)]
+        field: Option<String>,
+        /// Only releases: allowed reads, batch reads and lookups.
+        #[arg(long)]
+        released: bool,
     },
 }
 
@@ -580,10 +586,21 @@ fn audit(cfg: Config, cmd: AuditCmd) -> CliResult {
                 )),
             }
         }
-        AuditCmd::Export { since, subject } => {
+        AuditCmd::Export {
+            since,
+            subject,
+            field,
+            released,
+        } => {
             let since = since.map(|s| parse_since(&s)).transpose()?;
+            let filter = crate::audit::ExportFilter {
+                since,
+                subject,
+                field,
+                released,
+            };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            crate::audit::export(&cfg.data_dir, since, subject.as_deref(), &mut out).map_err(|e| e.to_string())?;
+            crate::audit::export(&cfg.data_dir, &filter, &mut out).map_err(|e| e.to_string())?;
             use std::io::Write;
             out.flush().map_err(|e| e.to_string())
         }

@@ -403,8 +403,15 @@ impl Vault {
     // ----- keys and fields --------------------------------------------------
 
     fn open_dek(&self, id: &str, version: u64) -> Result<DataKey> {
-        let w = self.keystore.get(id, version)?.ok_or(VaultError::DataKeyUnavailable)?;
-        let kek = self.keyring.kek(w.epoch).ok_or(VaultError::DataKeyUnavailable)?;
+        let mut w = self.keystore.get(id, version)?.ok_or(VaultError::DataKeyUnavailable)?;
+        let mut kek = self.keyring.kek(w.epoch);
+        if kek.is_none() {
+            // A rotation may have re-wrapped this key and destroyed its old
+            // epoch between the two reads: read the key once more.
+            w = self.keystore.get(id, version)?.ok_or(VaultError::DataKeyUnavailable)?;
+            kek = self.keyring.kek(w.epoch);
+        }
+        let kek = kek.ok_or(VaultError::DataKeyUnavailable)?;
         let raw = kek
             .open(&w.sealed, &dek_aad(id, version, w.epoch))
             .map_err(|_| VaultError::DataKeyUnavailable)?;

@@ -1008,6 +1008,31 @@ async fn export_filters_by_subject_and_time() {
     // nonsense --since is refused, not ignored
     let (code, out, _) = export(&s, &["--since", "yesterday-ish"]);
     assert_ne!(code, 0, "{out}");
+
+    // "who saw this subject's address last month": the README's one command
+    let (code, out, err) = export(
+        &s,
+        &["--subject", &a, "--field", "address", "--released", "--since", "30d"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "the two delivery reads of a, not its creation nor the refusal: {out}"
+    );
+    for e in &lines {
+        assert_eq!(
+            (e["action"].as_str(), e["outcome"].as_str()),
+            (Some("read"), Some("allowed")),
+            "{e}"
+        );
+        assert_eq!(e["caller"], "order-service");
+        assert!(fields_of(e).contains(&"address".to_string()), "{e}");
+    }
+    let (code, out, err) = export(&s, &["--subject", &a, "--field", "email", "--released"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim().is_empty(), "the email of a was never released: {out}");
 }
 
 // ---------------------------------------------------------------------------
