@@ -275,14 +275,29 @@ fn access_key(subject: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// One release in the access-log index (compact: this is on the read path).
+#[derive(Serialize, Deserialize)]
+struct AccessRecord<'a> {
+    at: &'a str,
+    caller: Option<&'a str>,
+    purpose: Option<&'a str>,
+    action: &'a str,
+    fields: Vec<&'a str>,
+    request_id: &'a str,
+}
+
 fn index_entry(access: &sled::Tree, e: &AuditEntry) -> Result<()> {
     if e.outcome == "allowed" && is_release(&e.action) {
         if let Some(s) = &e.subject {
-            let v = serde_json::json!({
-                "seq": e.seq, "at": e.at, "caller": e.caller, "purpose": e.purpose,
-                "action": e.action, "fields": e.fields, "request_id": e.request_id,
-            });
-            access.insert(access_key(s, e.seq), serde_json::to_vec(&v).expect("json"))?;
+            let r = AccessRecord {
+                at: &e.at,
+                caller: e.caller.as_deref(),
+                purpose: e.purpose.as_deref(),
+                action: &e.action,
+                fields: e.fields.iter().map(String::as_str).collect(),
+                request_id: &e.request_id,
+            };
+            access.insert(access_key(s, e.seq), postcard::to_stdvec(&r).expect("postcard"))?;
         }
     }
     Ok(())
@@ -305,7 +320,11 @@ pub fn access_page(
             return Ok((out, last));
         }
         let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
-        out.push(serde_json::from_slice(&v).map_err(|_| VaultError::internal("corrupt access index"))?);
+        let r: AccessRecord = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt access index"))?;
+        out.push(serde_json::json!({
+            "seq": seq, "at": r.at, "caller": r.caller, "purpose": r.purpose,
+            "action": r.action, "fields": r.fields, "request_id": r.request_id,
+        }));
         last = Some(seq);
     }
     Ok((out, None))
