@@ -686,6 +686,29 @@ impl Vault {
         Target::new(&self.server, Some(&self.token), Some(purpose))
     }
 
+    /// Times `POST /v1/admin/rotate-kek`: every live data key re-wrapped.
+    async fn rotate(&self, report: &mut Report) -> Res {
+        let admin = Target::new(&self.server, Some(&self.server.admin), None);
+        let mut c = connect(admin.addr, &admin.tls).await?;
+        let started = std::time::Instant::now();
+        let (status, body) = send(
+            &mut c,
+            admin.request(Call { method: Method::POST, path: "/v1/admin/rotate-kek".into(), body: Bytes::new() }),
+        )
+        .await?;
+        let secs = started.elapsed().as_secs_f64();
+        if status != StatusCode::OK {
+            return Err(format!("rotate-kek: {status} {}", String::from_utf8_lossy(&body)));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        report.emit(&json!({
+            "phase": "rotate_kek", "subjects_loaded": self.subjects, "rewrapped": v["rewrapped"],
+            "epoch": v["epoch"], "seconds": round(secs, 2),
+            "subjects_per_s": round(v["rewrapped"].as_f64().unwrap_or(0.0) / secs.max(1e-9), 1),
+        }));
+        Ok(())
+    }
+
     /// Brings the vault to `total` subjects with `:batchCreate` of 1000 over
     /// 8 connections; reports the load's rate.
     async fn load_to(&mut self, total: usize, report: &mut Report) -> Res {
@@ -1101,6 +1124,7 @@ async fn run(opts: Opts) -> Res {
                 &mut report,
             )
             .await;
+            s.rotate(&mut report).await?;
         }
         s.server.stop();
     }
