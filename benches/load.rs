@@ -693,7 +693,11 @@ impl Vault {
         let started = std::time::Instant::now();
         let (status, body) = send(
             &mut c,
-            admin.request(Call { method: Method::POST, path: "/v1/admin/rotate-kek".into(), body: Bytes::new() }),
+            admin.request(Call {
+                method: Method::POST,
+                path: "/v1/admin/rotate-kek".into(),
+                body: Bytes::new(),
+            }),
         )
         .await?;
         let secs = started.elapsed().as_secs_f64();

@@ -121,7 +121,11 @@ impl AuditLog {
         crate::fsutil::create_private_dir(&dir)?;
         let path = dir.join("audit.log");
         let mut file = OpenOptions::new().create(true).read(true).append(true).open(&path)?;
-        let (mut seq, mut head, mut good_len) = (0u64, GENESIS.to_string(), 0u64);
+        // A restored data directory continues the chain of the backup's log.
+        let (mut seq, mut head) = read_base(&dir)
+            .map(|b| (b.seq, b.hash))
+            .unwrap_or((0, GENESIS.to_string()));
+        let mut good_len = 0u64;
         let indexed = meta
             .get("audit_indexed")?
             .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
@@ -340,6 +344,29 @@ pub fn forget_subject(access: &sled::Tree, subject: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where a restored data directory's log continues: the backup's chain head.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChainBase {
+    pub seq: u64,
+    pub hash: String,
+    pub backup_created_at: String,
+}
+
+pub const BASE_FILE: &str = "base.json";
+
+fn read_base(audit_dir: &Path) -> Option<ChainBase> {
+    serde_json::from_slice(&std::fs::read(audit_dir.join(BASE_FILE)).ok()?).ok()
+}
+
+/// `restore`: the new log continues the backup's chain (no seq reused, so the
+/// restored access-log index stays consistent).
+pub fn write_base(data_dir: &Path, base: &ChainBase) -> Result<()> {
+    let dir = data_dir.join("audit");
+    crate::fsutil::create_private_dir(&dir)?;
+    crate::fsutil::write_atomic(&dir.join(BASE_FILE), &serde_json::to_vec_pretty(base).expect("json"))?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub seq: u64,
@@ -384,8 +411,13 @@ pub enum Verdict {
 pub fn verify(data_dir: &Path, public_key: Option<&[u8; 32]>) -> Result<Verdict> {
     let path = AuditLog::log_path(data_dir);
     let f = File::open(&path).map_err(|e| VaultError::Internal(format!("{}: {e}", path.display())))?;
-    let mut prev = GENESIS.to_string();
-    let mut expect_seq = 1u64;
+    let base = read_base(&data_dir.join("audit"));
+    let mut prev = base
+        .as_ref()
+        .map(|b| b.hash.clone())
+        .unwrap_or_else(|| GENESIS.to_string());
+    let mut expect_seq = base.as_ref().map(|b| b.seq).unwrap_or(0) + 1;
+    let first_seq = expect_seq;
     let mut heads = std::collections::HashMap::new();
     let mut line_no = 0u64;
     for line in BufReader::new(f).lines() {
@@ -450,7 +482,7 @@ pub fn verify(data_dir: &Path, public_key: Option<&[u8; 32]>) -> Result<Verdict>
         }
     }
     Ok(Verdict::Intact {
-        entries: expect_seq - 1,
+        entries: expect_seq - first_seq,
         checkpoints: cps.len(),
     })
 }

@@ -122,14 +122,29 @@ pub struct EpochInfo {
     pub retired_at: Option<u64>,
 }
 
+/// The keys derived from the root secret (stable across KEK rotations).
+struct Derived {
+    index: SecretKey,
+    pseudonym: SecretKey,
+    token: SecretKey,
+}
+
+impl Derived {
+    fn from_root(root: &SecretKey) -> Derived {
+        Derived {
+            index: derive_key(root, "blind-index"),
+            pseudonym: derive_key(root, "pseudonym"),
+            token: derive_key(root, "token-hash"),
+        }
+    }
+}
+
 pub struct Keyring {
     dir: PathBuf,
     kdf_file: (KdfParams, Vec<u8>),
     unseal: SecretKey,
     sealed_root: Vec<u8>,
-    index_key: SecretKey,
-    pseudonym_key: SecretKey,
-    token_key: SecretKey,
+    derived: Derived,
     receipt: ReceiptKey,
     state: RwLock<State>,
 }
@@ -194,9 +209,7 @@ impl Keyring {
         let kr = Keyring {
             dir: dir.to_owned(),
             kdf_file: (kdf, salt),
-            index_key: derive_key(&root, "blind-index"),
-            pseudonym_key: derive_key(&root, "pseudonym"),
-            token_key: derive_key(&root, "token-hash"),
+            derived: Derived::from_root(&root),
             unseal,
             sealed_root,
             receipt,
@@ -291,9 +304,7 @@ impl Keyring {
         Ok(Keyring {
             dir: dir.to_owned(),
             kdf_file: (kdf, salt),
-            index_key: derive_key(&root, "blind-index"),
-            pseudonym_key: derive_key(&root, "pseudonym"),
-            token_key: derive_key(&root, "token-hash"),
+            derived: Derived::from_root(&root),
             unseal,
             sealed_root,
             receipt,
@@ -487,13 +498,13 @@ impl Keyring {
     }
 
     pub fn index_key(&self) -> &SecretKey {
-        &self.index_key
+        &self.derived.index
     }
     pub fn pseudonym_key(&self) -> &SecretKey {
-        &self.pseudonym_key
+        &self.derived.pseudonym
     }
     pub fn token_key(&self) -> &SecretKey {
-        &self.token_key
+        &self.derived.token
     }
     pub fn receipt_key(&self) -> &ReceiptKey {
         &self.receipt

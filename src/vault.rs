@@ -1206,17 +1206,7 @@ impl Vault {
     }
 
     fn check_issue(&self, req: &IssueRequest) -> Result<Vec<Capability>> {
-        let caller_ok = !req.caller.is_empty()
-            && req.caller.len() <= 100
-            && req
-                .caller
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c));
-        if !caller_ok {
-            return Err(VaultError::BadRequest(
-                "caller must be 1-100 characters of [A-Za-z0-9-_.@:]".into(),
-            ));
-        }
+        check_caller_name(&req.caller)?;
         for p in &req.purposes {
             if !self.cfg.policy.purposes.contains_key(p) {
                 return Err(VaultError::BadRequest("unknown purpose in purposes".into()));
@@ -1397,16 +1387,7 @@ impl Vault {
         if g.subjects.iter().any(|s| !valid_subject_id(s)) {
             return Err(VaultError::BadRequest("subjects must be subject ids".into()));
         }
-        let caller_ok = !g.caller.is_empty()
-            && g.caller.len() <= 100
-            && g.caller
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c));
-        if !caller_ok {
-            return Err(VaultError::BadRequest(
-                "caller must be 1-100 characters of [A-Za-z0-9-_.@:]".into(),
-            ));
-        }
+        check_caller_name(&g.caller)?;
         if !auth.record.purposes.iter().any(|p| p == purpose) {
             return wide("the parent token does not hold this purpose");
         }
@@ -1571,6 +1552,19 @@ impl Vault {
     }
 }
 
+/// A caller name (token or grant holder): 1-100 characters of `[A-Za-z0-9-_.@:]`.
+fn check_caller_name(name: &str) -> Result<()> {
+    let ok =
+        !name.is_empty() && name.len() <= 100 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(VaultError::BadRequest(
+            "caller must be 1-100 characters of [A-Za-z0-9-_.@:]".into(),
+        ))
+    }
+}
+
 fn asked_names(f: FieldsAsked<'_>) -> Vec<String> {
     match f {
         FieldsAsked::Named(n) => n.to_vec(),
@@ -1704,6 +1698,17 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
             return Err(e);
         }
     };
+    if let (Some(seq), Some(hash)) = (
+        header["audit_head"]["seq"].as_u64(),
+        header["audit_head"]["hash"].as_str(),
+    ) {
+        let base = crate::audit::ChainBase {
+            seq,
+            hash: hash.to_owned(),
+            backup_created_at: header["created_at"].as_str().unwrap_or_default().to_owned(),
+        };
+        crate::audit::write_base(dir, &base)?;
+    }
     let keystore = KeyStore::open(&cfg.keys.dir)?;
     let (_, entries) = Ledger::open(&cfg.keys.dir)?;
     store.meta.remove("ledger_applied")?;

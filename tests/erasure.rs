@@ -695,6 +695,15 @@ async fn restore_replays_shred_ledger_and_refuses_non_empty_dir() {
         receipt,
         "the restored dir holds the same receipt"
     );
+    // The restored directory's audit log continues the backup's chain: its
+    // first entry follows the backup's head, and the whole log verifies.
+    let log = std::fs::read_to_string(s.data_dir().join("audit/audit.log")).unwrap();
+    let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    let base: Value = serde_json::from_slice(&std::fs::read(s.data_dir().join("audit/base.json")).unwrap()).unwrap();
+    assert_eq!(first["seq"].as_u64().unwrap(), base["seq"].as_u64().unwrap() + 1);
+    assert_eq!(first["prev"], base["hash"]);
+    let out = s.cmd().args(["audit", "verify"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // An old raw copy of the data directory, put back in place: the ledger
     // replay at start keeps A erased.
