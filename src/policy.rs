@@ -166,7 +166,9 @@ fn capability_for(action: Action) -> Capability {
 fn purpose_permits(p: &Purpose, action: Action) -> bool {
     match action {
         Action::Read | Action::Lookup | Action::MintGrant => !p.fields.is_empty(),
-        Action::Create | Action::Write | Action::ConsentRead | Action::ConsentWrite => p.write,
+        Action::Create | Action::Write | Action::ConsentWrite => p.write,
+        // A purpose that depends on consent may see the consent state.
+        Action::ConsentRead => p.write || p.needs_consent,
         Action::Erase => p.erase,
         Action::AccessLog => p.access_log,
         Action::Admin => true,
@@ -296,7 +298,10 @@ impl Policy {
         }
         if let Some(p) = purpose {
             // 5. consent
-            if p.needs_consent && state != SubjectState::NoSubject {
+            // Consent governs releases; reading the consent state itself, or
+            // withdrawing it, must work without it.
+            let releases = matches!(req.action, Action::Read | Action::Lookup);
+            if p.needs_consent && releases && state != SubjectState::NoSubject {
                 let consent = match state {
                     SubjectState::Live { consent } => consent,
                     _ => None,

@@ -316,6 +316,24 @@ fn erased_and_admin_and_audit() {
             &req("subject_access", Action::AccessLog, LIVE, FieldsAsked::Default)
         )
         .is_ok());
+    // consent state: readable under writing purposes and under the purpose that needs it
+    let mk = Tok::new(&["marketing", "delivery"], &[Capability::Read]);
+    assert!(p
+        .decide(
+            &mk.view(),
+            &req("marketing", Action::ConsentRead, LIVE, FieldsAsked::Default)
+        )
+        .is_ok());
+    let d = p.decide(
+        &mk.view(),
+        &req("delivery", Action::ConsentRead, LIVE, FieldsAsked::Default),
+    );
+    assert_eq!(d.unwrap_err().code(), "purpose_not_allowed");
+    let d = p.decide(
+        &mk.view(),
+        &req("marketing", Action::ConsentWrite, LIVE, FieldsAsked::Default),
+    );
+    assert_eq!(d.unwrap_err().code(), "purpose_not_allowed");
     let courier = Tok::new(&["delivery"], &[Capability::Read]);
     let d = p.decide(
         &courier.view(),
