@@ -1,0 +1,432 @@
+//! Tokens, grants, key rotation and backup: what an operator or a granting
+//! service does, and the certificate binding of tokens.
+
+use super::*;
+
+impl Vault {
+    // ----- tokens and grants -----------------------------------------------------------
+
+    async fn admin(&self, ctx: &Ctx, auth: &Authenticated, action: &str) -> Result<()> {
+        self.decide(
+            ctx,
+            auth,
+            Action::Admin,
+            action,
+            None,
+            SubjectState::NoSubject,
+            FieldsAsked::Named(&[]),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    fn check_issue(&self, req: &IssueRequest) -> Result<Vec<Capability>> {
+        check_caller_name(&req.caller)?;
+        for p in &req.purposes {
+            if !self.cfg.policy.purposes.contains_key(p) {
+                return Err(VaultError::BadRequest("unknown purpose in purposes".into()));
+            }
+        }
+        let mut caps = vec![];
+        for c in &req.capabilities {
+            caps.push(
+                Capability::parse(c)
+                    .ok_or_else(|| VaultError::BadRequest("unknown capability in capabilities".into()))?,
+            );
+        }
+        if req.ttl_seconds == 0 || req.ttl_seconds > MAX_TOKEN_TTL {
+            return Err(VaultError::BadRequest(format!(
+                "ttl_seconds must be 1 to {MAX_TOKEN_TTL}"
+            )));
+        }
+        Ok(caps)
+    }
+
+    pub async fn issue_token(
+        &self,
+        ctx: &Ctx,
+        auth: &Authenticated,
+        req: IssueRequest,
+    ) -> Result<(TokenRecord, TokenSecret)> {
+        self.admin(ctx, auth, "token_issue").await?;
+        let caps = match self.check_issue(&req) {
+            Ok(c) => c,
+            Err(e) => return Err(self.refuse(ctx, auth, "token_issue", None, vec![], e).await),
+        };
+        self.record(vec![self.draft(ctx, Some(auth), "token_issue", None, vec![], None)])
+            .await?;
+        let _g = self.gate.read().await;
+        let out = self.tokens.issue(
+            &self.store,
+            NewToken {
+                caller: req.caller,
+                purposes: req.purposes,
+                capabilities: caps,
+                ttl_secs: req.ttl_seconds,
+                cert_subject: req.cert_subject,
+                parent: None,
+                grant: None,
+            },
+            now_secs(),
+        )?;
+        self.store.flusher.sync().await?;
+        Ok(out)
+    }
+
+    pub async fn list_tokens(&self, ctx: &Ctx, auth: &Authenticated) -> Result<Vec<TokenRecord>> {
+        self.admin(ctx, auth, "token_list").await?;
+        self.record(vec![self.draft(ctx, Some(auth), "token_list", None, vec![], None)])
+            .await?;
+        self.tokens.list(&self.store)
+    }
+
+    pub async fn revoke_token(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<TokenRecord> {
+        self.admin(ctx, auth, "token_revoke").await?;
+        let _g = self.gate.read().await;
+        match self.tokens.revoke(&self.store, id, now_secs())? {
+            Some(r) => {
+                self.store.flusher.sync().await?;
+                self.record(vec![self.draft(ctx, Some(auth), "token_revoke", None, vec![], None)])
+                    .await?;
+                Ok(r)
+            }
+            None => {
+                let e = VaultError::NotFound("no such token".into());
+                Err(self.refuse(ctx, auth, "token_revoke", None, vec![], e).await)
+            }
+        }
+    }
+
+    /// Dev mode: make sure the token text in `admin.token` works here.
+    pub fn ensure_dev_admin(&self, text: &str) -> Result<bool> {
+        let now = now_secs();
+        if self.tokens.is_usable(&self.store, text, now)? {
+            return Ok(false);
+        }
+        self.tokens
+            .register(&self.store, first_admin_token(), now, &TokenSecret::from_text(text))?;
+        self.store.flusher.sync_blocking()?;
+        Ok(true)
+    }
+
+    /// `pdvault init`: the first admin token.
+    pub fn issue_first_admin(&self) -> Result<TokenSecret> {
+        let (_, secret) = self.tokens.issue(&self.store, first_admin_token(), now_secs())?;
+        self.store.flusher.sync_blocking()?;
+        Ok(secret)
+    }
+
+    pub async fn mint_grant(
+        &self,
+        ctx: &Ctx,
+        auth: &Authenticated,
+        g: GrantRequest,
+    ) -> Result<(TokenRecord, TokenSecret)> {
+        let mut ctx = ctx.clone();
+        if ctx.purpose.is_none() {
+            ctx.purpose = g.purpose.clone();
+        }
+        let ctx = &ctx;
+        let names = g.fields.clone().unwrap_or_default();
+        let asked = g
+            .fields
+            .as_deref()
+            .map(FieldsAsked::Named)
+            .unwrap_or(FieldsAsked::Default);
+        let audit_subject = if g.subjects.len() == 1 {
+            Some(g.subjects[0].as_str())
+        } else {
+            None
+        };
+        self.decide(
+            ctx,
+            auth,
+            Action::MintGrant,
+            "grant",
+            audit_subject,
+            SubjectState::NoSubject,
+            FieldsAsked::Named(&[]),
+        )
+        .await?;
+        let granted_purpose = g.purpose.clone().or_else(|| ctx.purpose.clone()).unwrap_or_default();
+        let widening = self.check_grant(auth, &g, &granted_purpose, asked);
+        let fields = match widening {
+            Ok(f) => f,
+            Err(e) => return Err(self.refuse(ctx, auth, "grant", audit_subject, names, e).await),
+        };
+        self.record(vec![self.draft(
+            ctx,
+            Some(auth),
+            "grant",
+            audit_subject,
+            fields.clone(),
+            None,
+        )])
+        .await?;
+        let _g = self.gate.read().await;
+        let out = self.tokens.issue(
+            &self.store,
+            NewToken {
+                caller: g.caller,
+                purposes: vec![granted_purpose],
+                capabilities: vec![Capability::Read],
+                ttl_secs: g.ttl_seconds,
+                cert_subject: g.cert_subject,
+                parent: Some(auth.record.id.clone()),
+                grant: Some(GrantScope {
+                    subjects: g.subjects,
+                    fields,
+                    max_uses: g.max_uses,
+                }),
+            },
+            now_secs(),
+        )?;
+        self.store.flusher.sync().await?;
+        Ok(out)
+    }
+
+    /// A grant may never be wider than its parent. Returns the granted fields.
+    fn check_grant(
+        &self,
+        auth: &Authenticated,
+        g: &GrantRequest,
+        purpose: &str,
+        asked: FieldsAsked<'_>,
+    ) -> Result<Vec<String>> {
+        let wide = |m: &str| Err(VaultError::GrantTooWide(m.to_owned()));
+        if g.subjects.is_empty() || g.subjects.len() > MAX_BATCH {
+            return Err(VaultError::BadRequest(format!(
+                "subjects must list 1 to {MAX_BATCH} ids"
+            )));
+        }
+        if g.subjects.iter().any(|s| !valid_subject_id(s)) {
+            return Err(VaultError::BadRequest("subjects must be subject ids".into()));
+        }
+        check_caller_name(&g.caller)?;
+        if !auth.record.purposes.iter().any(|p| p == purpose) {
+            return wide("the parent token does not hold this purpose");
+        }
+        let Some(p) = self.cfg.policy.purposes.get(purpose) else {
+            return wide("unknown purpose");
+        };
+        if !auth.record.capabilities.contains(&Capability::Read) {
+            return wide("the parent token cannot read, so it cannot grant reading");
+        }
+        if auth.record.grant.is_some() {
+            return wide("a grant cannot mint grants");
+        }
+        let fields: Vec<String> = match asked {
+            FieldsAsked::Default => p.fields.keys().cloned().collect(),
+            FieldsAsked::Named(n) => n.to_vec(),
+        };
+        if fields.is_empty() {
+            return Err(VaultError::BadRequest("a grant must cover at least one field".into()));
+        }
+        if fields.iter().any(|f| !p.fields.contains_key(f)) {
+            return wide("a field is not covered by the purpose");
+        }
+        let now = now_secs();
+        if g.ttl_seconds == 0 {
+            return Err(VaultError::BadRequest("ttl_seconds must be positive".into()));
+        }
+        if g.ttl_seconds > self.cfg.grants.max_ttl.as_secs() {
+            return wide("ttl_seconds exceeds grants.max_ttl");
+        }
+        if now.saturating_add(g.ttl_seconds) > auth.expires_at {
+            return wide("the grant would outlive its parent token");
+        }
+        if g.max_uses == Some(0) {
+            return Err(VaultError::BadRequest("max_uses must be positive".into()));
+        }
+        Ok(fields)
+    }
+
+    // ----- keys: rotation, backup -------------------------------------------------------
+
+    /// Rotates the key-encryption key: a new epoch, every live data key
+    /// re-wrapped under it, then retired epochs past retention destroyed.
+    /// Resumable: an interrupted rotation is finished by the next call.
+    pub async fn rotate_kek(&self) -> Result<(u32, u64)> {
+        let _r = self.rotation.lock().await;
+        let now = now_secs();
+        // Writers wrap data keys under the current epoch while holding the
+        // gate: let those in flight land before the new epoch becomes current,
+        // so the re-wrap pass below sees every key left under an old epoch
+        // (else a key stored after the pass is lost when its epoch is destroyed).
+        let rot = {
+            let _g = self.gate.write().await;
+            self.keyring
+                .begin_rotation(now)
+                .map_err(|e| VaultError::Internal(e.to_string()))?
+        };
+        let target_kek = self
+            .keyring
+            .kek(rot.target)
+            .ok_or_else(|| VaultError::internal("target epoch missing"))?;
+        let abort_after = crate::faults::rotate_abort_after();
+        let mut rewrapped = 0u64;
+        let mut since_flush = 0;
+        for kv in self.keystore.keys.iter() {
+            let (k, v) = kv?;
+            let w: WrappedKey = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt wrapped key"))?;
+            if w.epoch >= rot.target {
+                continue;
+            }
+            let Some((id, version)) = parse_dek_key(&k) else {
+                continue;
+            };
+            let Some(old) = self.keyring.kek(w.epoch) else {
+                tracing::warn!(
+                    epoch = w.epoch,
+                    "a data key is wrapped under a destroyed epoch; it cannot be re-wrapped"
+                );
+                continue;
+            };
+            let Ok(raw) = old.open(&w.sealed, &dek_aad(id, version, w.epoch)) else {
+                tracing::warn!("a wrapped data key does not open; left as it is");
+                continue;
+            };
+            let nw = WrappedKey {
+                epoch: rot.target,
+                sealed: target_kek.seal(raw.expose(), &dek_aad(id, version, rot.target)),
+            };
+            // Compare-and-swap: a concurrent edit or erasure wins.
+            let _ =
+                self.keystore
+                    .keys
+                    .compare_and_swap(&k, Some(&v), Some(postcard::to_stdvec(&nw).expect("postcard")))?;
+            rewrapped += 1;
+            since_flush += 1;
+            if since_flush >= 10_000 {
+                self.keystore.flusher.sync().await?;
+                since_flush = 0;
+            }
+            if abort_after.is_some_and(|n| rewrapped >= n) {
+                self.keystore.flusher.sync().await?;
+                tracing::error!("fault point: aborting in the middle of a rotation");
+                std::process::abort();
+            }
+        }
+        self.keystore.flusher.sync().await?;
+        self.keyring
+            .finish_rotation(now_secs())
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        self.destroy_expired_epochs()?;
+        Ok((rot.target, rewrapped))
+    }
+
+    pub fn destroy_expired_epochs(&self) -> Result<Vec<u32>> {
+        let gone = self
+            .keyring
+            .destroy_expired(now_secs(), self.cfg.keys.epoch_retention)
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        if !gone.is_empty() {
+            tracing::info!(epochs = ?gone, "destroyed retired key epochs");
+        }
+        Ok(gone)
+    }
+
+    /// `/metrics` needs `admin`; scrapes are not audited, refusals are.
+    pub async fn admin_metrics(&self, ctx: &Ctx, auth: &Authenticated) -> Result<()> {
+        self.admin(ctx, auth, "metrics").await
+    }
+
+    pub async fn admin_rotate(&self, ctx: &Ctx, auth: &Authenticated) -> Result<(u32, u64)> {
+        self.admin(ctx, auth, "rotate_kek").await?;
+        self.record(vec![self.draft(ctx, Some(auth), "rotate_kek", None, vec![], None)])
+            .await?;
+        self.rotate_kek().await
+    }
+
+    /// Writes a consistent snapshot of the data directory's trees to `out`.
+    /// Holds every writer off while it copies (to local disk, not the network).
+    pub async fn backup(&self, ctx: &Ctx, auth: &Authenticated, out: &mut (dyn std::io::Write + Send)) -> Result<u64> {
+        self.admin(ctx, auth, "backup").await?;
+        self.record(vec![self.draft(ctx, Some(auth), "backup", None, vec![], None)])
+            .await?;
+        let _g = self.gate.write().await;
+        let (seq, head) = self.audit.head();
+        let header = json!({
+            "format": 1,
+            "created_at": rfc3339(now_secs()),
+            "key_epoch": self.keyring.current_epoch(),
+            "audit_head": {"seq": seq, "hash": head},
+            "ledger_head": self.ledger.head().0,
+            "note": "ciphertexts, blind-index HMACs and token hashes only; data keys stay in the keys directory",
+        });
+        tokio::task::block_in_place(|| self.store.write_backup(out, &header))
+    }
+
+    /// Signs the audit chain's head (scheduler).
+    pub fn audit_checkpoint(&self) -> Result<()> {
+        self.audit.checkpoint(self.keyring.receipt_key()).map(|_| ())
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// A caller name (token or grant holder): 1-100 characters of `[A-Za-z0-9-_.@:]`.
+fn check_caller_name(name: &str) -> Result<()> {
+    let ok =
+        !name.is_empty() && name.len() <= 100 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(VaultError::BadRequest(
+            "caller must be 1-100 characters of [A-Za-z0-9-_.@:]".into(),
+        ))
+    }
+}
+
+fn first_admin_token() -> NewToken {
+    NewToken {
+        caller: "admin".into(),
+        purposes: vec!["erasure".into()],
+        capabilities: vec![Capability::Admin, Capability::Audit, Capability::Erase],
+        ttl_secs: 365 * 86400,
+        cert_subject: None,
+        parent: None,
+        grant: None,
+    }
+}
+
+/// Whether a certificate subject satisfies a token's binding: either the full
+/// DN (RFC 4514, as x509-parser prints it) or its common name.
+pub fn cert_matches(bound: &str, presented: Option<&str>) -> bool {
+    let Some(p) = presented else { return false };
+    let norm = |s: &str| split_dn(s).into_iter().map(str::trim).collect::<Vec<_>>().join(",");
+    if norm(bound) == norm(p) {
+        return true;
+    }
+    // The common name form: only for a subject with exactly one CN.
+    let mut cns = split_dn(p)
+        .into_iter()
+        .map(str::trim)
+        .filter_map(|x| x.strip_prefix("CN="));
+    let cn = match (cns.next(), cns.next()) {
+        (Some(c), None) => Some(c),
+        _ => None,
+    };
+    !bound.contains('=') && cn == Some(bound) || bound.strip_prefix("CN=").is_some_and(|b| cn == Some(b))
+}
+
+/// Splits a DN at its RDN separators: commas not escaped with a backslash.
+fn split_dn(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            ',' => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}

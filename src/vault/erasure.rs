@@ -1,0 +1,259 @@
+//! Erasure: crypto-shredding with signed receipts, the retention sweeper, the
+//! shred ledger's replay and `restore`.
+
+use super::*;
+
+impl Vault {
+    // ----- erasure --------------------------------------------------------------------
+
+    /// When the last key that could open a copy of today's data is destroyed:
+    /// the current epoch retires at the next scheduled rotation and is
+    /// destroyed `epoch_retention` later (plus the scheduler's tick).
+    pub fn final_by(&self, now: u64) -> u64 {
+        let next_rotation = if self.keyring.rotation().is_some() {
+            now
+        } else {
+            (self.keyring.last_rotation_at() + self.cfg.keys.rotate_every.as_secs()).max(now)
+        };
+        next_rotation + self.cfg.keys.epoch_retention.as_secs() + crate::scheduler::TICK.as_secs()
+    }
+
+    pub async fn erase(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<Erasure> {
+        let _lock = self.stripe(id).lock().await;
+        let (state, rec) = self.subject_state(id, ctx.purpose.as_deref())?;
+        // A repeated erasure answers the same receipt: decide as if live.
+        let as_seen = if state == SubjectState::Erased {
+            SubjectState::Live { consent: None }
+        } else {
+            state
+        };
+        self.decide(
+            ctx,
+            auth,
+            Action::Erase,
+            "erase",
+            Some(id),
+            as_seen,
+            FieldsAsked::Named(&[]),
+        )
+        .await?;
+        if state == SubjectState::Erased {
+            self.record(vec![self.draft(ctx, Some(auth), "erase", Some(id), vec![], None)])
+                .await?;
+            return self
+                .stored_receipt(id)?
+                .ok_or_else(|| VaultError::internal("erased subject without receipt"));
+        }
+        let rec = rec.ok_or(VaultError::SubjectNotFound)?;
+        self.take_use(ctx, auth, "erase", Some(id)).await?;
+        self.record(vec![self.draft(ctx, Some(auth), "erase", Some(id), vec![], None)])
+            .await?;
+        self.shred(id, &rec, "request", &auth.record.caller).await
+    }
+
+    fn stored_receipt(&self, id: &str) -> Result<Option<Erasure>> {
+        Ok(match self.store.erased.get(id.as_bytes())? {
+            Some(b) => {
+                let v: Value = serde_json::from_slice(&b).map_err(|_| VaultError::internal("corrupt receipt"))?;
+                Some(Erasure {
+                    receipt: v["receipt"].clone(),
+                    signature: v["signature"].as_str().unwrap_or_default().to_owned(),
+                })
+            }
+            None => None,
+        })
+    }
+
+    /// Crypto-shreds a subject: ledger entry (durable) first, then every
+    /// version of its data key, then its ciphertexts and index entries.
+    async fn shred(&self, id: &str, rec: &SubjectRecord, reason: &str, by: &str) -> Result<Erasure> {
+        let _g = self.gate.read().await;
+        let now = now_secs();
+        let epoch = self
+            .keystore
+            .get(id, rec.version)?
+            .map(|w| w.epoch)
+            .unwrap_or_else(|| self.keyring.current_epoch());
+        let receipt = json!({
+            "id": id,
+            "erased_at": rfc3339(now),
+            "key_epoch": epoch,
+            "final_by": rfc3339(self.final_by(now)),
+            "reason": reason,
+            "requested_by": by,
+            "alg": "Ed25519",
+        });
+        let signature = crate::receipt::sign(self.keyring.receipt_key(), &receipt);
+        let entry = self.ledger.append(id, &receipt, &signature)?;
+        self.keystore.remove_all(id)?;
+        self.keystore.flusher.sync().await?;
+        purge_subject(&self.store, &entry)?;
+        self.store.flusher.sync().await?;
+        Ok(Erasure { receipt, signature })
+    }
+
+    /// The retention sweeper: erases subjects with no write since `cutoff`.
+    pub async fn sweep_inactive(&self, cutoff: u64, why: &str) -> Result<usize> {
+        let end = activity_key(cutoff, "");
+        let ids: Vec<String> = self
+            .store
+            .activity
+            .range(..end)
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k[8..]).into_owned())
+            .collect();
+        let mut n = 0;
+        for id in ids {
+            let _lock = self.stripe(&id).lock().await;
+            let Some(b) = self.store.subjects.get(id.as_bytes())? else {
+                continue;
+            };
+            let rec = SubjectRecord::decode(&b)?;
+            if rec.updated_at >= cutoff {
+                continue;
+            }
+            let ctx = Ctx {
+                request_id: format!("retention-{}", uuid::Uuid::new_v4()),
+                purpose: Some("erasure".into()),
+                justification: Some(why.to_owned()),
+                cert_subject: None,
+            };
+            let d = Draft {
+                request_id: ctx.request_id.clone(),
+                caller: Some("retention-sweeper".into()),
+                token_id: None,
+                purpose: ctx.purpose.clone(),
+                action: "erase".into(),
+                subject: Some(id.clone()),
+                fields: vec![],
+                code: None,
+                justification: ctx.justification.clone(),
+            };
+            self.record(vec![d]).await?;
+            self.shred(&id, &rec, "retention", "retention-sweeper").await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.keyring.receipt_key().public_key()
+    }
+}
+
+/// Removes an erased subject's data and records its receipt. Idempotent;
+/// needs no key, so `restore` and every start can run it.
+fn purge_subject(store: &Store, e: &LedgerEntry) -> Result<()> {
+    let id = e.id.as_str();
+    if let Some(b) = store.subjects.get(id.as_bytes())? {
+        if let Ok(rec) = SubjectRecord::decode(&b) {
+            for ix in &rec.index {
+                store.index.remove(Vault::index_entry_key(ix, id))?;
+            }
+            store.activity.remove(activity_key(rec.updated_at, id))?;
+        }
+        store.subjects.remove(id.as_bytes())?;
+    }
+    for k in store.consents.scan_prefix(consent_prefix(id)).keys() {
+        store.consents.remove(k?)?;
+    }
+    crate::audit::forget_subject(&store.access, id)?;
+    if !store.erased.contains_key(id.as_bytes())? {
+        let v = json!({"receipt": e.receipt, "signature": e.signature, "ledger_seq": e.seq});
+        store
+            .erased
+            .insert(id.as_bytes(), serde_json::to_vec(&v).expect("json"))?;
+    }
+    Ok(())
+}
+
+/// Applies the shred ledger to a data directory (and the key store): every
+/// subject it names is removed and marked erased. Skips what an earlier
+/// replay already did, unless this data directory has not seen it.
+pub fn replay_ledger(store: &Store, keystore: &KeyStore, entries: &[LedgerEntry]) -> Result<usize> {
+    let applied = store
+        .meta
+        .get("ledger_applied")?
+        .and_then(|b| serde_json::from_slice::<(u64, String)>(&b).ok());
+    let start = match applied {
+        Some((seq, hash)) if seq >= 1 && entries.get(seq as usize - 1).is_some_and(|e| e.hash == hash) => seq as usize,
+        _ => 0,
+    };
+    let mut n = 0;
+    for e in &entries[start.min(entries.len())..] {
+        purge_subject(store, e)?;
+        keystore.remove_all(&e.id)?;
+        n += 1;
+    }
+    if let Some(last) = entries.last() {
+        store.meta.insert(
+            "ledger_applied",
+            serde_json::to_vec(&(last.seq, &last.hash)).expect("json"),
+        )?;
+    }
+    keystore.flusher.sync_blocking()?;
+    store.flusher.sync_blocking()?;
+    Ok(n)
+}
+
+/// `pdvault restore`: loads a backup into an empty data directory, replays
+/// the ledger, and drops subjects whose data key no longer exists (edited
+/// after the backup: re-keying destroyed the key of the old version).
+pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
+    let dir = &cfg.data_dir;
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        return Err(VaultError::BadRequest(format!(
+            "{} is not empty: restore needs an empty data directory",
+            dir.display()
+        )));
+    }
+    let store = Store::open(dir)?;
+    let (header, records) = match store.read_backup(input) {
+        Ok(x) => x,
+        Err(e) => {
+            drop(store);
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e);
+        }
+    };
+    if let (Some(seq), Some(hash)) = (
+        header["audit_head"]["seq"].as_u64(),
+        header["audit_head"]["hash"].as_str(),
+    ) {
+        let base = crate::audit::ChainBase {
+            seq,
+            hash: hash.to_owned(),
+            backup_created_at: header["created_at"].as_str().unwrap_or_default().to_owned(),
+        };
+        crate::audit::write_base(dir, &base)?;
+    }
+    let keystore = KeyStore::open(&cfg.keys.dir)?;
+    let (_, entries) = Ledger::open(&cfg.keys.dir)?;
+    store.meta.remove("ledger_applied")?;
+    let replayed = replay_ledger(&store, &keystore, &entries)?;
+    let mut unrecoverable = vec![];
+    for kv in store.subjects.iter() {
+        let (k, v) = kv?;
+        let id = String::from_utf8_lossy(&k).into_owned();
+        let rec = SubjectRecord::decode(&v)?;
+        if keystore.get(&id, rec.version)?.is_none() {
+            unrecoverable.push((id, rec));
+        }
+    }
+    for (id, rec) in &unrecoverable {
+        for ix in &rec.index {
+            store.index.remove(Vault::index_entry_key(ix, id))?;
+        }
+        store.activity.remove(activity_key(rec.updated_at, id))?;
+        store.subjects.remove(id.as_bytes())?;
+    }
+    store.flusher.sync_blocking()?;
+    Ok(json!({
+        "records": records,
+        "backup": header,
+        "ledger_entries_replayed": replayed,
+        "subjects": store.subjects.len(),
+        "unrecoverable": unrecoverable.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+    }))
+}

@@ -1,0 +1,635 @@
+//! The vault core: every operation on subject data, token and key, with the
+//! policy decision and the audit record around it. Knows nothing of HTTP; the
+//! HTTP adapter and the CLI both call it.
+//!
+//! Request path: token -> decision -> load subject -> audit (durable) ->
+//! unwrap data key -> open fields -> release transform -> answer -> wipe.
+//! Write path: decision -> checks -> audit -> new data key (key store, flushed)
+//! -> sealed fields (data store, flushed) -> old key version removed.
+//!
+//! This file holds the types, opening, the decision and audit plumbing and the
+//! key/field helpers; `subjects` (create, read, edit, lookup, consents, access
+//! log), `erasure` (shred, retention, ledger replay, restore) and `admin`
+//! (tokens, grants, rotation, backup) add the operations.
+
+use crate::audit::{AuditLog, Draft};
+use crate::config::Config;
+use crate::crypto::{hmac_parts, Aead256, DataKey, Plaintext};
+use crate::error::{Result, VaultError};
+use crate::fields::{normalize, FieldType};
+use crate::fsutil::{now_secs, rfc3339};
+use crate::keyring::Keyring;
+use crate::ledger::{Ledger, LedgerEntry};
+use crate::metrics::{DecisionLabels, Metrics};
+use crate::policy::{Action, Allowed, Capability, FieldsAsked, GrantScope, Request, SubjectState};
+use crate::release::{release, ReleaseForm};
+use crate::storage::{dek_key, parse_dek_key, KeyStore, Store, SubjectRecord, WrappedKey};
+use crate::tokens::{Authenticated, NewToken, TokenRecord, TokenSecret, Tokens};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use zeroize::Zeroize;
+
+/// Who is calling and how, as far as the core cares.
+#[derive(Debug, Clone, Default)]
+pub struct Ctx {
+    pub request_id: String,
+    pub purpose: Option<String>,
+    pub justification: Option<String>,
+    /// Subject DN of the client certificate, when mTLS is on.
+    pub cert_subject: Option<String>,
+}
+
+/// Released field values. Wiped when dropped.
+pub struct Released {
+    pub id: String,
+    pub version: u64,
+    pub fields: Vec<(String, Value)>,
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        for (_, v) in self.fields.iter_mut() {
+            wipe_value(v);
+        }
+    }
+}
+
+/// Overwrites every string inside a JSON value.
+pub fn wipe_value(v: &mut Value) {
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(a) => a.iter_mut().for_each(wipe_value),
+        Value::Object(m) => m.values_mut().for_each(wipe_value),
+        _ => {}
+    }
+}
+
+/// The answer to a batch item: its own status and body or problem.
+pub enum BatchItem {
+    Ok(Released),
+    Created { id: String, version: u64 },
+    Err { id: Option<String>, error: VaultError },
+}
+
+/// A signed erasure receipt.
+#[derive(Debug, Clone)]
+pub struct Erasure {
+    pub receipt: Value,
+    pub signature: String,
+}
+
+impl Erasure {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.receipt["id"],
+            "erased_at": self.receipt["erased_at"],
+            "receipt": self.receipt,
+            "signature": self.signature,
+        })
+    }
+}
+
+pub struct IssueRequest {
+    pub caller: String,
+    pub purposes: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub ttl_seconds: u64,
+    pub cert_subject: Option<String>,
+}
+
+pub struct GrantRequest {
+    pub subjects: Vec<String>,
+    pub purpose: Option<String>,
+    pub fields: Option<Vec<String>>,
+    pub ttl_seconds: u64,
+    pub max_uses: Option<u64>,
+    pub caller: String,
+    pub cert_subject: Option<String>,
+}
+
+const STRIPES: usize = 256;
+/// Longest token lifetime an admin may issue (5 years).
+const MAX_TOKEN_TTL: u64 = 5 * 365 * 86400;
+pub const MAX_BATCH: usize = 1000;
+
+pub struct Vault {
+    pub cfg: Config,
+    keyring: Keyring,
+    keystore: KeyStore,
+    store: Store,
+    audit: AuditLog,
+    ledger: Ledger,
+    tokens: Tokens,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Writers share it; a backup takes it alone, so its snapshot is consistent.
+    gate: tokio::sync::RwLock<()>,
+    rotation: tokio::sync::Mutex<()>,
+    pub metrics: Metrics,
+}
+
+fn frame(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Associated data of a wrapped data key: subject, key version and epoch.
+pub fn dek_aad(id: &str, version: u64, epoch: u32) -> Vec<u8> {
+    frame(&[
+        b"pdvault/dek/v1",
+        id.as_bytes(),
+        &version.to_be_bytes(),
+        &epoch.to_be_bytes(),
+    ])
+}
+
+/// Associated data of a field ciphertext: subject, field and key version.
+pub fn field_aad(id: &str, field: &str, version: u64) -> Vec<u8> {
+    frame(&[
+        b"pdvault/field/v1",
+        id.as_bytes(),
+        field.as_bytes(),
+        &version.to_be_bytes(),
+    ])
+}
+
+/// Subject ids are canonical lower-case UUIDs; anything else cannot exist.
+pub fn valid_subject_id(id: &str) -> bool {
+    id.len() == 36 && uuid::Uuid::parse_str(id).is_ok_and(|u| u.hyphenated().to_string() == id)
+}
+
+fn activity_key(at: u64, id: &str) -> Vec<u8> {
+    let mut k = at.to_be_bytes().to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn consent_prefix(id: &str) -> Vec<u8> {
+    let mut k = id.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// A normalised field value, as canonical JSON bytes, wiped on drop.
+type Normalized = Vec<(String, Plaintext)>;
+
+mod admin;
+mod erasure;
+mod subjects;
+
+pub use admin::cert_matches;
+pub use erasure::{replay_ledger, restore};
+
+impl Vault {
+    /// Opens the vault: keys first (a wrong passphrase changes nothing), then
+    /// the stores, then the shred ledger is replayed before anything is served.
+    pub fn open(cfg: Config, passphrase: &[u8]) -> anyhow_like::Result<Vault> {
+        let keyring = Keyring::open(&cfg.keys.dir, passphrase).map_err(|e| e.to_string())?;
+        Self::open_with(cfg, keyring)
+    }
+
+    pub fn open_with(cfg: Config, keyring: Keyring) -> anyhow_like::Result<Vault> {
+        let store = Store::open(&cfg.data_dir).map_err(|e| e.to_string())?;
+        let keystore = KeyStore::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
+        let (ledger, entries) = Ledger::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
+        replay_ledger(&store, &keystore, &entries).map_err(|e| e.to_string())?;
+        let audit = AuditLog::open(&cfg.data_dir, store.access.clone(), &store.meta, cfg.audit.fsync)
+            .map_err(|e| e.to_string())?;
+        let tokens = Tokens::new(keyring.token_key());
+        Ok(Vault {
+            cfg,
+            keyring,
+            keystore,
+            store,
+            audit,
+            ledger,
+            tokens,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            gate: tokio::sync::RwLock::new(()),
+            rotation: tokio::sync::Mutex::new(()),
+            metrics: Metrics::default(),
+        })
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    fn stripe(&self, id: &str) -> &tokio::sync::Mutex<()> {
+        let h = crate::crypto::sha256(id.as_bytes());
+        &self.stripes[(h[0] as usize) % STRIPES]
+    }
+
+    // ----- authentication and decisions -------------------------------------
+
+    /// The operator at the command line, acting on a local data directory.
+    pub fn local_operator() -> Authenticated {
+        Authenticated {
+            record: Arc::new(TokenRecord {
+                id: "local".into(),
+                caller: "operator-cli".into(),
+                purposes: vec!["erasure".into()],
+                capabilities: vec![Capability::Admin, Capability::Audit, Capability::Erase],
+                created_at: 0,
+                expires_at: u64::MAX,
+                revoked_at: None,
+                cert_subject: None,
+                parent: None,
+                grant: None,
+            }),
+            revoked: false,
+            expires_at: u64::MAX,
+            uses: 0,
+        }
+    }
+
+    /// Finds the token behind a bearer text and checks its certificate
+    /// binding. Unknown tokens are recorded as refusals.
+    pub async fn authenticate(&self, ctx: &Ctx, bearer: Option<&str>) -> Result<Authenticated> {
+        let found = match bearer {
+            Some(t) if !t.is_empty() && t.len() <= 256 => self.tokens.lookup(&self.store, t)?,
+            _ => None,
+        };
+        let err = match found {
+            Some(a) => match &a.record.cert_subject {
+                Some(bound) if !cert_matches(bound, ctx.cert_subject.as_deref()) => VaultError::CertificateMismatch,
+                _ => return Ok(a),
+            },
+            None => VaultError::TokenInvalid,
+        };
+        self.record(vec![self.draft(ctx, None, "authenticate", None, vec![], Some(&err))])
+            .await?;
+        Err(err)
+    }
+
+    fn draft(
+        &self,
+        ctx: &Ctx,
+        auth: Option<&Authenticated>,
+        action: &str,
+        subject: Option<&str>,
+        fields: Vec<String>,
+        err: Option<&VaultError>,
+    ) -> Draft {
+        // Caller-chosen text (a path id, field names, the purpose header) is
+        // recorded only when it has the shape of an id or a name: a value
+        // pasted where an id belongs never reaches the log.
+        let name = |s: &str| {
+            if s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                s.to_owned()
+            } else {
+                "(malformed)".to_owned()
+            }
+        };
+        Draft {
+            request_id: ctx.request_id.clone(),
+            caller: auth.map(|a| a.record.caller.clone()),
+            token_id: auth.map(|a| a.record.id.clone()),
+            purpose: ctx.purpose.as_deref().map(name),
+            action: action.to_owned(),
+            subject: subject.map(|s| {
+                if valid_subject_id(s) {
+                    s.to_owned()
+                } else {
+                    "(malformed)".to_owned()
+                }
+            }),
+            fields: fields.iter().map(|f| name(f)).collect(),
+            code: err.map(|e| e.code().to_owned()),
+            // At most 500 characters are kept (longer ones are refused later).
+            justification: ctx.justification.as_ref().map(|j| j.chars().take(500).collect()),
+        }
+    }
+
+    /// Makes entries durable, counting them in the metrics.
+    async fn record(&self, drafts: Vec<Draft>) -> Result<()> {
+        for d in &drafts {
+            self.metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    // Only configured purpose names become label values: X-Purpose is
+                    // caller text (unescaped quotes would break the exposition, and every
+                    // made-up name would be a new series). The audit entry keeps the text.
+                    purpose: match d.purpose.as_deref() {
+                        Some(p) if self.cfg.policy.purposes.contains_key(p) => p.to_owned(),
+                        Some(_) => "(unknown)".to_owned(),
+                        None => String::new(),
+                    },
+                    caller: d.caller.clone().unwrap_or_default(),
+                    action: d.action.clone(),
+                    outcome: if d.allowed() { "allowed" } else { "refused" }.into(),
+                    code: d.code.clone().unwrap_or_default(),
+                })
+                .inc();
+        }
+        let t = std::time::Instant::now();
+        let r = self.audit.append(drafts).await;
+        self.metrics.audit_flush_seconds.observe(t.elapsed().as_secs_f64());
+        r.map(|_| ())
+    }
+
+    /// Runs the decision; a refusal is recorded before it is returned.
+    // The arguments are exactly the decision's inputs plus the audit name.
+    #[allow(clippy::too_many_arguments)]
+    async fn decide(
+        &self,
+        ctx: &Ctx,
+        auth: &Authenticated,
+        action: Action,
+        audit_action: &str,
+        subject_id: Option<&str>,
+        subject: SubjectState,
+        fields: FieldsAsked<'_>,
+    ) -> Result<Allowed> {
+        let req = Request {
+            purpose: ctx.purpose.as_deref(),
+            action,
+            subject_id,
+            subject,
+            fields,
+            justification: ctx.justification.as_deref(),
+            now: now_secs(),
+        };
+        match self.cfg.policy.decide(&auth.view(), &req) {
+            Ok(a) => Ok(a),
+            Err(e) => Err(self
+                .refuse(ctx, auth, audit_action, subject_id, asked_names(fields), e)
+                .await),
+        }
+    }
+
+    /// Records a refusal and hands the error back (or 503 if it cannot be recorded).
+    async fn refuse(
+        &self,
+        ctx: &Ctx,
+        auth: &Authenticated,
+        action: &str,
+        subject: Option<&str>,
+        fields: Vec<String>,
+        e: VaultError,
+    ) -> VaultError {
+        match self
+            .record(vec![self.draft(ctx, Some(auth), action, subject, fields, Some(&e))])
+            .await
+        {
+            Ok(()) => e,
+            Err(audit_err) => audit_err,
+        }
+    }
+
+    /// Takes one use of a limited grant; refused (and recorded) when used up.
+    async fn take_use(&self, ctx: &Ctx, auth: &Authenticated, action: &str, subject: Option<&str>) -> Result<()> {
+        if self.tokens.consume_use(&self.store, auth)? {
+            Ok(())
+        } else {
+            Err(self
+                .refuse(ctx, auth, action, subject, vec![], VaultError::TokenInvalid)
+                .await)
+        }
+    }
+
+    fn subject_state(&self, id: &str, purpose: Option<&str>) -> Result<(SubjectState, Option<SubjectRecord>)> {
+        if !valid_subject_id(id) {
+            return Ok((SubjectState::NotFound, None));
+        }
+        if self.store.erased.contains_key(id.as_bytes())? {
+            return Ok((SubjectState::Erased, None));
+        }
+        let Some(bytes) = self.store.subjects.get(id.as_bytes())? else {
+            return Ok((SubjectState::NotFound, None));
+        };
+        let rec = SubjectRecord::decode(&bytes)?;
+        let consent = match purpose.and_then(|p| self.cfg.policy.purposes.get(p)) {
+            Some(p) if p.needs_consent => self.latest_consent(id, &p.name)?,
+            _ => None,
+        };
+        Ok((SubjectState::Live { consent }, Some(rec)))
+    }
+
+    // ----- keys and fields --------------------------------------------------
+
+    fn open_dek(&self, id: &str, version: u64) -> Result<DataKey> {
+        let mut w = self.keystore.get(id, version)?.ok_or(VaultError::DataKeyUnavailable)?;
+        let mut kek = self.keyring.kek(w.epoch);
+        if kek.is_none() {
+            // A rotation may have re-wrapped this key and destroyed its old
+            // epoch between the two reads: read the key once more.
+            w = self.keystore.get(id, version)?.ok_or(VaultError::DataKeyUnavailable)?;
+            kek = self.keyring.kek(w.epoch);
+        }
+        let kek = kek.ok_or(VaultError::DataKeyUnavailable)?;
+        let raw = kek
+            .open(&w.sealed, &dek_aad(id, version, w.epoch))
+            .map_err(|_| VaultError::DataKeyUnavailable)?;
+        DataKey::from_bytes(raw.expose()).map_err(|_| VaultError::DataKeyUnavailable)
+    }
+
+    /// Opens the stored fields named in `which` (all when `None`).
+    fn open_fields(
+        &self,
+        id: &str,
+        rec: &SubjectRecord,
+        which: Option<&[(String, ReleaseForm)]>,
+    ) -> Result<Normalized> {
+        let dek = self.open_dek(id, rec.version)?.aead();
+        let mut out = Vec::new();
+        for (name, ct) in &rec.fields {
+            if which.is_some_and(|w| !w.iter().any(|(n, _)| n == name)) {
+                continue;
+            }
+            let pt = dek
+                .open(ct, &field_aad(id, name, rec.version))
+                .map_err(|_| VaultError::internal("a field ciphertext does not authenticate"))?;
+            out.push((name.clone(), pt));
+        }
+        Ok(out)
+    }
+
+    fn transform(
+        &self,
+        purpose: &str,
+        opened: Normalized,
+        forms: &[(String, ReleaseForm)],
+    ) -> Result<Vec<(String, Value)>> {
+        let mut out = Vec::with_capacity(forms.len());
+        for (name, form) in forms {
+            let Some((_, pt)) = opened.iter().find(|(n, _)| n == name) else {
+                continue;
+            };
+            let mut v: Value =
+                serde_json::from_slice(pt.expose()).map_err(|_| VaultError::internal("stored field is not JSON"))?;
+            let ty = self.cfg.policy.fields.get(name).copied().unwrap_or(FieldType::Text);
+            let released = release(
+                *form,
+                ty,
+                &v,
+                self.keyring.pseudonym_key().expose_secret(),
+                purpose,
+                name,
+            );
+            wipe_value(&mut v);
+            out.push((name.clone(), released));
+        }
+        Ok(out)
+    }
+
+    fn index_key(&self, field: &str, normalized_json: &[u8]) -> Vec<u8> {
+        hmac_parts(
+            self.keyring.index_key().expose_secret(),
+            &[b"pdvault-index-v1", field.as_bytes(), normalized_json],
+        )
+        .to_vec()
+    }
+
+    fn indexed(&self, field: &str) -> bool {
+        matches!(
+            self.cfg.policy.fields.get(field),
+            Some(FieldType::Email | FieldType::Phone)
+        )
+    }
+
+    /// Checks and normalises written fields. `null` (removal) passes through
+    /// as `None`. Errors name the field and the reason, never the value.
+    fn normalize_fields(
+        &self,
+        fields: &Map<String, Value>,
+        allow_null: bool,
+    ) -> Result<Vec<(String, Option<Plaintext>)>> {
+        let mut out = Vec::with_capacity(fields.len());
+        for (name, v) in fields {
+            let ty = *self
+                .cfg
+                .policy
+                .fields
+                .get(name)
+                .ok_or_else(|| VaultError::InvalidField {
+                    field: name.clone(),
+                    reason: "unknown field".into(),
+                })?;
+            if v.is_null() {
+                if allow_null {
+                    out.push((name.clone(), None));
+                    continue;
+                }
+                return Err(VaultError::InvalidField {
+                    field: name.clone(),
+                    reason: "must not be null".into(),
+                });
+            }
+            let mut n = normalize(ty, v).map_err(|reason| VaultError::InvalidField {
+                field: name.clone(),
+                reason,
+            })?;
+            let bytes = serde_json::to_vec(&n).expect("json");
+            wipe_value(&mut n);
+            out.push((name.clone(), Some(Plaintext::new(bytes))));
+        }
+        Ok(out)
+    }
+
+    /// Seals a subject's fields under a fresh data key. Returns the wrapped
+    /// key and the record (with its blind-index keys).
+    fn seal_subject(
+        &self,
+        id: &str,
+        version: u64,
+        fields: &Normalized,
+        created_at: u64,
+        now: u64,
+    ) -> (WrappedKey, SubjectRecord, Vec<Vec<u8>>) {
+        let dek = DataKey::generate();
+        let (epoch, kek) = self.keyring.current_kek();
+        let wrapped = WrappedKey {
+            epoch,
+            sealed: kek.seal(dek.expose_secret(), &dek_aad(id, version, epoch)),
+        };
+        let aead: Aead256 = dek.aead();
+        let mut rec = SubjectRecord {
+            version,
+            created_at,
+            updated_at: now,
+            fields: Vec::with_capacity(fields.len()),
+            index: vec![],
+        };
+        let mut index = vec![];
+        for (name, pt) in fields {
+            rec.fields
+                .push((name.clone(), aead.seal(pt.expose(), &field_aad(id, name, version))));
+            if self.indexed(name) {
+                index.push(self.index_key(name, pt.expose()));
+            }
+        }
+        rec.index = index.clone();
+        (wrapped, rec, index)
+    }
+
+    fn index_entry_key(ix: &[u8], id: &str) -> Vec<u8> {
+        let mut k = ix.to_vec();
+        k.extend_from_slice(id.as_bytes());
+        k
+    }
+
+    /// Stores new subjects (or new versions): keys first, flushed, then data,
+    /// flushed. A crash in between leaves an unused key, never unreadable data.
+    async fn store_subjects(
+        &self,
+        items: Vec<(String, WrappedKey, SubjectRecord, Option<SubjectRecord>)>,
+    ) -> Result<()> {
+        let mut kb = sled::Batch::default();
+        for (id, w, rec, _) in &items {
+            kb.insert(dek_key(id, rec.version), postcard::to_stdvec(w).expect("postcard"));
+        }
+        self.keystore.keys.apply_batch(kb)?;
+        self.keystore.flusher.sync().await?;
+        let (mut sb, mut ib, mut ab) = (sled::Batch::default(), sled::Batch::default(), sled::Batch::default());
+        for (id, _, rec, old) in &items {
+            if let Some(old) = old {
+                for ix in &old.index {
+                    ib.remove(Self::index_entry_key(ix, id));
+                }
+                ab.remove(activity_key(old.updated_at, id));
+            }
+            let stamp = self.store.next_counter("index_stamp")?;
+            for ix in &rec.index {
+                ib.insert(Self::index_entry_key(ix, id), &stamp.to_be_bytes());
+            }
+            ab.insert(activity_key(rec.updated_at, id), &[]);
+            sb.insert(id.as_bytes(), rec.encode());
+        }
+        self.store.index.apply_batch(ib)?;
+        self.store.activity.apply_batch(ab)?;
+        self.store.subjects.apply_batch(sb)?;
+        self.store.flusher.sync().await?;
+        // The previous version's key is no longer needed: an old value left in
+        // sled's files dies with it.
+        let mut removed = false;
+        for (id, _, _, old) in &items {
+            if let Some(old) = old {
+                self.keystore.keys.remove(dek_key(id, old.version))?;
+                removed = true;
+            }
+        }
+        if removed {
+            self.keystore.flusher.sync().await?;
+        }
+        Ok(())
+    }
+}
+
+fn asked_names(f: FieldsAsked<'_>) -> Vec<String> {
+    match f {
+        FieldsAsked::Named(n) => n.to_vec(),
+        FieldsAsked::Default => vec![],
+    }
+}
+
+/// Error type for opening: a message fit for the operator.
+pub mod anyhow_like {
+    pub type Result<T> = std::result::Result<T, String>;
+}
