@@ -77,7 +77,10 @@ impl Aead256 {
 
     /// Seals under a fresh random nonce; output is `nonce || ciphertext || tag`.
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
-        let nonce = random_bytes::<NONCE_LEN>();
+        // ThreadRng is a CSPRNG (ChaCha, reseeded from the OS): a random
+        // 96-bit nonce without a getrandom syscall per seal.
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
         let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&self.seal_with_nonce(&nonce, plaintext, aad));

@@ -193,15 +193,17 @@ impl Store {
 
     /// Next value of a persistent counter in `meta`.
     pub fn next_counter(&self, name: &str) -> Result<u64> {
+        self.reserve_counter(name, 1)
+    }
+
+    /// Reserves `n` consecutive values of a persistent counter; returns the first.
+    pub fn reserve_counter(&self, name: &str, n: u64) -> Result<u64> {
+        let read = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
         let v = self.meta.update_and_fetch(name, |old| {
-            let n = old
-                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-                .unwrap_or(0)
-                + 1;
-            Some(n.to_be_bytes().to_vec())
+            Some((old.map(read).unwrap_or(0) + n).to_be_bytes().to_vec())
         })?;
-        Ok(v.map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(1))
+        let last = v.map(|b| read(&b)).unwrap_or(n);
+        Ok(last + 1 - n)
     }
 
     /// Writes a consistent snapshot of every data tree. The caller holds the
@@ -409,6 +411,15 @@ impl KeyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_reserve_consecutive_ranges() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.next_counter("c").unwrap(), 1);
+        assert_eq!(s.reserve_counter("c", 10).unwrap(), 2);
+        assert_eq!(s.next_counter("c").unwrap(), 12);
+    }
 
     #[test]
     fn dek_keys_round_trip() {

@@ -588,6 +588,9 @@ impl Vault {
         self.keystore.keys.apply_batch(kb)?;
         self.keystore.flusher.sync().await?;
         let (mut sb, mut ib, mut ab) = (sled::Batch::default(), sled::Batch::default(), sled::Batch::default());
+        // One counter reservation for the whole batch (the counter orders
+        // duplicate emails/phones: the most recent write wins a lookup).
+        let mut stamp = self.store.reserve_counter("index_stamp", items.len() as u64)?;
         for (id, _, rec, old) in &items {
             if let Some(old) = old {
                 for ix in &old.index {
@@ -595,10 +598,10 @@ impl Vault {
                 }
                 ab.remove(activity_key(old.updated_at, id));
             }
-            let stamp = self.store.next_counter("index_stamp")?;
             for ix in &rec.index {
                 ib.insert(Self::index_entry_key(ix, id), &stamp.to_be_bytes());
             }
+            stamp += 1;
             ab.insert(activity_key(rec.updated_at, id), &[]);
             sb.insert(id.as_bytes(), rec.encode());
         }
