@@ -590,8 +590,8 @@ impl Vault {
         let (mut sb, mut ib, mut ab) = (sled::Batch::default(), sled::Batch::default(), sled::Batch::default());
         // One counter reservation for the whole batch (the counter orders
         // duplicate emails/phones: the most recent write wins a lookup).
-        let mut stamp = self.store.reserve_counter("index_stamp", items.len() as u64)?;
-        for (id, _, rec, old) in &items {
+        let first = self.store.reserve_counter("index_stamp", items.len() as u64)?;
+        for (stamp, (id, _, rec, old)) in (first..).zip(items.iter()) {
             if let Some(old) = old {
                 for ix in &old.index {
                     ib.remove(Self::index_entry_key(ix, id));
@@ -601,7 +601,6 @@ impl Vault {
             for ix in &rec.index {
                 ib.insert(Self::index_entry_key(ix, id), &stamp.to_be_bytes());
             }
-            stamp += 1;
             ab.insert(activity_key(rec.updated_at, id), &[]);
             sb.insert(id.as_bytes(), rec.encode());
         }
