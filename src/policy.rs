@@ -259,8 +259,13 @@ impl Policy {
                         Some(form) => out.push((n.clone(), form)),
                         None => {
                             return Err(VaultError::FieldNotAllowed(format!(
-                                "purpose {} does not cover field {}",
+                                "purpose {}{} does not cover field {}",
                                 purpose.name,
+                                if grant_fields.is_some() {
+                                    " as granted to this token"
+                                } else {
+                                    ""
+                                },
                                 printable(n)
                             )))
                         }
