@@ -14,32 +14,6 @@ use std::time::{Duration, Instant};
 
 // ----- helpers -------------------------------------------------------------------
 
-/// A request with arbitrary extra headers and an optional JSON body.
-async fn req(
-    s: &Server,
-    method: Method,
-    path: &str,
-    token: &str,
-    purpose: Option<&str>,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> Resp {
-    let mut rq = s.client.request(method, format!("{}{}", s.base(), path));
-    if !token.is_empty() {
-        rq = rq.bearer_auth(token);
-    }
-    if let Some(p) = purpose {
-        rq = rq.header("X-Purpose", p);
-    }
-    for (k, v) in headers {
-        rq = rq.header(*k, *v);
-    }
-    if let Some(b) = body {
-        rq = rq.json(&b);
-    }
-    send(rq).await
-}
-
 fn header<'a>(r: &'a Resp, name: &str) -> &'a str {
     r.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
@@ -154,8 +128,7 @@ async fn every_purpose_releases_what_its_row_says() {
         let s = &s;
         let id = id.clone();
         async move {
-            req(
-                s,
+            s.call_with(
                 Method::GET,
                 &format!("/v1/subjects/{id}"),
                 &token,
@@ -234,31 +207,31 @@ async fn every_purpose_releases_what_its_row_says() {
     let r = read("marketing", mk.clone(), vec![]).await;
     assert_problem(&r, 403, "consent_required");
     assert!(!r.text.contains("Aigerim"), "{}", r.text);
-    let r = req(
-        &s,
-        Method::PUT,
-        &format!("/v1/subjects/{id}/consents/marketing"),
-        &writer,
-        Some("order"),
-        &[],
-        Some(json!({"granted": true})),
-    )
-    .await;
+    let r = s
+        .call_with(
+            Method::PUT,
+            &format!("/v1/subjects/{id}/consents/marketing"),
+            &writer,
+            Some("order"),
+            &[],
+            Some(json!({"granted": true})),
+        )
+        .await;
     assert_eq!(r.status, 200, "consent grant: {}", r.text);
     let r = read("marketing", mk.clone(), vec![]).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["fields"], pick(&["given_name", "email", "phone"]));
     // Withdrawn again: refused again.
-    let r = req(
-        &s,
-        Method::PUT,
-        &format!("/v1/subjects/{id}/consents/marketing"),
-        &writer,
-        Some("order"),
-        &[],
-        Some(json!({"granted": false})),
-    )
-    .await;
+    let r = s
+        .call_with(
+            Method::PUT,
+            &format!("/v1/subjects/{id}/consents/marketing"),
+            &writer,
+            Some("order"),
+            &[],
+            Some(json!({"granted": false})),
+        )
+        .await;
     assert_eq!(r.status, 200, "consent withdraw: {}", r.text);
     assert_problem(&read("marketing", mk, vec![]).await, 403, "consent_required");
 
@@ -419,16 +392,16 @@ async fn every_refusal_has_its_code() {
         .starts_with("bearer"));
     assert!(!r.text.contains("Ivanova"));
     // Not a bearer scheme at all.
-    let r = req(
-        &s,
-        Method::GET,
-        &path,
-        "",
-        Some("delivery"),
-        &[("Authorization", "Basic dXNlcjpwYXNz")],
-        None,
-    )
-    .await;
+    let r = s
+        .call_with(
+            Method::GET,
+            &path,
+            "",
+            Some("delivery"),
+            &[("Authorization", "Basic dXNlcjpwYXNz")],
+            None,
+        )
+        .await;
     assert_problem(&r, 401, "token_invalid");
     // A good token resets the per-peer failure count.
     assert_eq!(s.get(&path, &courier, Some("delivery")).await.status, 200);
@@ -566,40 +539,40 @@ async fn every_refusal_has_its_code() {
     assert_eq!(s.get("/v1/admin/tokens", &s.admin, None).await.status, 200);
 
     // ----- 12: X-Request-Id on every response -----
-    let r = req(
-        &s,
-        Method::GET,
-        &path,
-        &courier,
-        Some("delivery"),
-        &[("X-Request-Id", "req-123")],
-        None,
-    )
-    .await;
+    let r = s
+        .call_with(
+            Method::GET,
+            &path,
+            &courier,
+            Some("delivery"),
+            &[("X-Request-Id", "req-123")],
+            None,
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(header(&r, "x-request-id"), "req-123");
-    let r = req(
-        &s,
-        Method::GET,
-        &path,
-        "",
-        Some("delivery"),
-        &[("X-Request-Id", "req-123")],
-        None,
-    )
-    .await;
+    let r = s
+        .call_with(
+            Method::GET,
+            &path,
+            "",
+            Some("delivery"),
+            &[("X-Request-Id", "req-123")],
+            None,
+        )
+        .await;
     assert_eq!(r.status, 401);
     assert_eq!(header(&r, "x-request-id"), "req-123", "echoed on 401 too");
-    let r = req(
-        &s,
-        Method::GET,
-        "/v1/health",
-        "",
-        None,
-        &[("X-Request-Id", "req-123")],
-        None,
-    )
-    .await;
+    let r = s
+        .call_with(
+            Method::GET,
+            "/v1/health",
+            "",
+            None,
+            &[("X-Request-Id", "req-123")],
+            None,
+        )
+        .await;
     assert_eq!(header(&r, "x-request-id"), "req-123");
     let mut seen = BTreeSet::new();
     for r in [
@@ -786,8 +759,7 @@ async fn versions_lookups_and_batches() {
         let path = path.clone();
         async move {
             let h: Vec<(&str, &str)> = if_match.map(|v| vec![("If-Match", v)]).unwrap_or_default();
-            req(
-                s,
+            s.call_with(
                 Method::PATCH,
                 &path,
                 &w,

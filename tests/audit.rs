@@ -22,21 +22,9 @@ async fn call_rid(
     justification: Option<&str>,
     body: Option<Value>,
 ) -> Resp {
-    let mut rq = s.client.request(method, format!("{}{}", s.base(), path));
-    if !token.is_empty() {
-        rq = rq.bearer_auth(token);
-    }
-    if let Some(p) = purpose {
-        rq = rq.header("X-Purpose", p);
-    }
-    rq = rq.header("X-Request-Id", rid);
-    if let Some(j) = justification {
-        rq = rq.header("X-Justification", j);
-    }
-    if let Some(b) = body {
-        rq = rq.json(&b);
-    }
-    let r = send(rq).await;
+    let mut headers = vec![("X-Request-Id", rid)];
+    headers.extend(justification.map(|j| ("X-Justification", j)));
+    let r = s.call_with(method, path, token, purpose, &headers, body).await;
     assert_eq!(
         r.headers.get("x-request-id").and_then(|v| v.to_str().ok()),
         Some(rid),

@@ -6,7 +6,6 @@ use common::*;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const POLICY_VERSION: &str = "2024-06-01";
@@ -747,15 +746,7 @@ async fn mtls_requires_a_client_certificate_and_binds_tokens_to_it() {
         )),
     );
 
-    let log = std::fs::File::create(s.dir.path().join("server-mtls.log")).unwrap();
-    let child = s
-        .cmd()
-        .args(["serve", "--dev"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start pdvault");
-    s.child = Some(child);
+    s.launch("server-mtls.log");
     let base = s.base();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -101,7 +101,14 @@ impl Server {
 
     /// Starts (or restarts) the process and waits until it answers.
     pub async fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join(format!("server-{}.log", self.port))).unwrap();
+        self.launch(&format!("server-{}.log", self.port));
+        self.wait_ready().await;
+    }
+
+    /// Starts the process (`serve --dev`, stderr to `log_name` in the test
+    /// dir) without waiting: for servers the kit's own client cannot reach.
+    pub fn launch(&mut self, log_name: &str) {
+        let log = std::fs::File::create(self.dir.path().join(log_name)).unwrap();
         let child = self
             .cmd()
             .args(["serve", "--dev"])
@@ -110,7 +117,6 @@ impl Server {
             .spawn()
             .expect("start pdvault");
         self.child = Some(child);
-        self.wait_ready().await;
     }
 
     async fn wait_ready(&mut self) {
@@ -178,12 +184,28 @@ impl Server {
         purpose: Option<&str>,
         body: Option<Value>,
     ) -> Resp {
+        self.call_with(method, path, token, purpose, &[], body).await
+    }
+
+    /// A call with extra request headers (request id, justification, If-Match...).
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        purpose: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Resp {
         let mut rq = self.client.request(method, format!("{}{}", self.base(), path));
         if !token.is_empty() {
             rq = rq.bearer_auth(token);
         }
         if let Some(p) = purpose {
             rq = rq.header("X-Purpose", p);
+        }
+        for (k, v) in headers {
+            rq = rq.header(*k, *v);
         }
         if let Some(b) = body {
             rq = rq.json(&b);
