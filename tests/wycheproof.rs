@@ -2,62 +2,28 @@
 //! in `pdvault::crypto`: AES-256-GCM (`Aead256`), HMAC-SHA256
 //! (`hmac_sha256`, `hmac_sha256_verify`) and Ed25519 (`ed25519_verify`).
 //!
-//! The vectors are the C2SP/wycheproof `testvectors_v1` files kept in
-//! `../shared/testdata/wycheproof/` relative to the crate root (see the
-//! README.md there). Every `valid` vector must be accepted (and, where the
-//! wrapper can produce it, reproduced), every `invalid` vector must be refused.
-//! Each test collects all disagreeing `tcId`s before failing, so one run names
-//! every offending vector.
+//! The vectors come from the `wycheproof` crate (a dev-dependency), which
+//! ships the C2SP/wycheproof `testvectors_v1` files compiled in and parses
+//! them into typed test sets, so a fresh clone needs nothing else on disk.
+//! Every `valid` vector must be accepted (and, where the wrapper can produce
+//! it, reproduced), every `invalid` vector must be refused. Each test collects
+//! all disagreeing `tcId`s before failing, so one run names every offending
+//! vector.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use pdvault::crypto::{ed25519_verify, hmac_sha256, hmac_sha256_verify, Aead256, NONCE_LEN};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
+use wycheproof::TestResult;
 
-/// The directory holding the Wycheproof JSON files.
-fn vectors_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata/wycheproof");
-    assert!(
-        dir.is_dir(),
-        "Wycheproof vectors not found at {}: they live in the shared test data \
-         (shared/testdata/wycheproof next to the project root); refusing to pass without them",
-        dir.display()
-    );
-    dir
-}
-
-/// Reads and parses one vector file; also checks its `numberOfTests` header
-/// against the tests actually present, so a truncated file cannot pass.
-fn load<T: DeserializeOwned + TestCount>(file: &str) -> T {
-    let path = vectors_dir().join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let parsed: T = serde_json::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()));
+/// Checks a test set's `numberOfTests` header against the tests actually
+/// present, so a truncated set cannot pass. (`TestSet::load` already refuses
+/// a mismatch; this keeps the check visible here.)
+fn assert_complete(name: &str, declared: usize, group_sizes: impl Iterator<Item = usize>) {
     assert_eq!(
-        parsed.declared(),
-        parsed.present(),
-        "{file}: numberOfTests does not match the tests in the file"
+        declared,
+        group_sizes.sum::<usize>(),
+        "{name}: numberOfTests does not match the tests in the set"
     );
-    parsed
-}
-
-trait TestCount {
-    fn declared(&self) -> usize;
-    fn present(&self) -> usize;
-}
-
-fn hex_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-    let s = String::deserialize(d)?;
-    hex::decode(s).map_err(serde::de::Error::custom)
-}
-
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum Expect {
-    Valid,
-    Invalid,
-    Acceptable,
 }
 
 /// Fails the test, naming every disagreeing vector, if `failures` is not empty.
@@ -72,63 +38,23 @@ fn assert_no_failures(primitive: &str, failures: &[String]) {
 
 // ---------------------------------------------------------------- AES-GCM --
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AeadFile {
-    number_of_tests: usize,
-    test_groups: Vec<AeadGroup>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AeadGroup {
-    key_size: usize,
-    iv_size: usize,
-    tag_size: usize,
-    tests: Vec<AeadTest>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AeadTest {
-    tc_id: u32,
-    comment: String,
-    flags: Vec<String>,
-    #[serde(deserialize_with = "hex_bytes")]
-    key: Vec<u8>,
-    #[serde(deserialize_with = "hex_bytes")]
-    iv: Vec<u8>,
-    #[serde(deserialize_with = "hex_bytes")]
-    aad: Vec<u8>,
-    #[serde(deserialize_with = "hex_bytes")]
-    msg: Vec<u8>,
-    #[serde(deserialize_with = "hex_bytes")]
-    ct: Vec<u8>,
-    #[serde(deserialize_with = "hex_bytes")]
-    tag: Vec<u8>,
-    result: Expect,
-}
-
-impl TestCount for AeadFile {
-    fn declared(&self) -> usize {
-        self.number_of_tests
-    }
-    fn present(&self) -> usize {
-        self.test_groups.iter().map(|g| g.tests.len()).sum()
-    }
-}
-
 /// Flags of `acceptable` AES-GCM vectors whose meaning has been reviewed for
 /// the vault. Wycheproof marks a vector `acceptable` when a correct
 /// implementation may either accept or refuse it; which way the vault should
 /// go depends on the flag, so an unreviewed flag fails the test rather than
-/// being silently allowed. The current file has no `acceptable` vectors in
-/// the 256/96/128 groups, so nothing has needed review yet.
-const AEAD_ACCEPTABLE_REVIEWED: &[&str] = &[];
+/// being silently allowed. The vectors shipped in wycheproof 0.7.0 have no
+/// `acceptable` AES-GCM vectors at all, so nothing has needed review yet.
+const AEAD_ACCEPTABLE_REVIEWED: &[wycheproof::aead::TestFlag] = &[];
 
 #[test]
 fn aes_256_gcm() {
-    let file: AeadFile = load("aes_gcm_test.json");
+    let file = wycheproof::aead::TestSet::load(wycheproof::aead::TestName::AesGcm)
+        .unwrap_or_else(|e| panic!("cannot load the Wycheproof AES-GCM vectors: {e}"));
+    assert_complete(
+        "AES-GCM",
+        file.number_of_tests,
+        file.test_groups.iter().map(|g| g.tests.len()),
+    );
     let (mut run, mut acceptable, mut skipped_groups, mut skipped_tests) = (0, 0, 0, 0);
     let mut skipped_params = BTreeSet::new();
     let mut failures = Vec::new();
@@ -140,27 +66,27 @@ fn aes_256_gcm() {
         // (including the GHASH-derived-counter paths for long and short IVs
         // and the forbidden empty IV) and other tag lengths cannot even be
         // expressed through the wrapper. Those groups are skipped on purpose.
-        if (group.key_size, group.iv_size, group.tag_size) != (256, 96, 128) {
+        if (group.key_size, group.nonce_size, group.tag_size) != (256, 96, 128) {
             skipped_groups += 1;
             skipped_tests += group.tests.len();
-            skipped_params.insert((group.key_size, group.iv_size, group.tag_size));
+            skipped_params.insert((group.key_size, group.nonce_size, group.tag_size));
             continue;
         }
         for t in &group.tests {
             run += 1;
             let id = format!("tcId {} ({}; {:?})", t.tc_id, t.comment, t.flags);
             let key: [u8; 32] = t.key.as_slice().try_into().expect("keySize 256");
-            let iv: [u8; NONCE_LEN] = t.iv.as_slice().try_into().expect("ivSize 96");
+            let iv: [u8; NONCE_LEN] = t.nonce.as_slice().try_into().expect("ivSize 96");
             assert_eq!(t.tag.len(), 16, "{id}: tagSize 128");
             let ct_and_tag = [t.ct.as_slice(), t.tag.as_slice()].concat();
             let aead = Aead256::new(&key);
-            let opened = aead.open_with_nonce(&iv, &ct_and_tag, &t.aad);
-            let sealed = aead.seal_with_nonce(&iv, &t.msg, &t.aad);
+            let opened = aead.open_with_nonce(&iv, &ct_and_tag, t.aad.as_slice());
+            let sealed = aead.seal_with_nonce(&iv, t.pt.as_slice(), t.aad.as_slice());
 
             match t.result {
-                Expect::Valid => {
+                TestResult::Valid => {
                     match &opened {
-                        Ok(p) if p.expose() == t.msg.as_slice() => {}
+                        Ok(p) if p.expose() == t.pt.as_slice() => {}
                         Ok(_) => failures.push(format!("{id}: valid, opened to the wrong plaintext")),
                         Err(e) => failures.push(format!("{id}: valid, refused to open: {e}")),
                     }
@@ -168,7 +94,7 @@ fn aes_256_gcm() {
                         failures.push(format!("{id}: valid, seal_with_nonce gave a different ct||tag"));
                     }
                 }
-                Expect::Invalid => {
+                TestResult::Invalid => {
                     if opened.is_ok() {
                         failures.push(format!("{id}: invalid, but it opened"));
                     }
@@ -178,12 +104,13 @@ fn aes_256_gcm() {
                         failures.push(format!("{id}: invalid, but seal_with_nonce produced it"));
                     }
                 }
-                Expect::Acceptable => {
+                TestResult::Acceptable => {
                     acceptable += 1;
                     let unreviewed: Vec<_> = t
                         .flags
                         .iter()
-                        .filter(|f| !AEAD_ACCEPTABLE_REVIEWED.contains(&f.as_str()))
+                        .copied()
+                        .filter(|f| !AEAD_ACCEPTABLE_REVIEWED.contains(f))
                         .collect();
                     if !unreviewed.is_empty() {
                         failures.push(format!(
@@ -194,7 +121,7 @@ fn aes_256_gcm() {
                     } else if let Ok(p) = &opened {
                         // Either outcome is allowed, but if it opens it must
                         // open to the stated plaintext.
-                        if p.expose() != t.msg.as_slice() {
+                        if p.expose() != t.pt.as_slice() {
                             failures.push(format!("{id}: acceptable, opened to the wrong plaintext"));
                         }
                     }
@@ -214,7 +141,7 @@ fn aes_256_gcm() {
     );
     assert!(
         skipped_groups > 0,
-        "expected the AES-GCM file to contain groups with parameters the vault does not use"
+        "expected the AES-GCM set to contain groups with parameters the vault does not use"
     );
     assert_eq!(run + skipped_tests, file.number_of_tests);
     assert_no_failures("AES-256-GCM", &failures);
@@ -222,51 +149,19 @@ fn aes_256_gcm() {
 
 // ------------------------------------------------------------ HMAC-SHA256 --
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MacFile {
-    number_of_tests: usize,
-    test_groups: Vec<MacGroup>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MacGroup {
-    tag_size: usize,
-    tests: Vec<MacTest>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MacTest {
-    tc_id: u32,
-    comment: String,
-    flags: Vec<String>,
-    #[serde(deserialize_with = "hex_bytes")]
-    key: Vec<u8>,
-    #[serde(deserialize_with = "hex_bytes")]
-    msg: Vec<u8>,
-    #[serde(deserialize_with = "hex_bytes")]
-    tag: Vec<u8>,
-    result: Expect,
-}
-
-impl TestCount for MacFile {
-    fn declared(&self) -> usize {
-        self.number_of_tests
-    }
-    fn present(&self) -> usize {
-        self.test_groups.iter().map(|g| g.tests.len()).sum()
-    }
-}
-
 /// `hmac_sha256_verify` refuses tags shorter than this by design (a truncated
 /// tag below 128 bits is too easy to guess).
 const MIN_VERIFY_TAG: usize = 16;
 
 #[test]
 fn hmac_sha256_all_groups() {
-    let file: MacFile = load("hmac_sha256_test.json");
+    let file = wycheproof::mac::TestSet::load(wycheproof::mac::TestName::HmacSha256)
+        .unwrap_or_else(|e| panic!("cannot load the Wycheproof HMAC-SHA256 vectors: {e}"));
+    assert_complete(
+        "HMAC-SHA256",
+        file.number_of_tests,
+        file.test_groups.iter().map(|g| g.tests.len()),
+    );
     let (mut run, mut short_valid) = (0, 0);
     let mut failures = Vec::new();
 
@@ -281,11 +176,11 @@ fn hmac_sha256_all_groups() {
             run += 1;
             let id = format!("tcId {} ({}; {:?})", t.tc_id, t.comment, t.flags);
             assert_eq!(t.tag.len(), tag_len, "{id}: tag length vs tagSize");
-            let computed_matches = hmac_sha256(&t.key, &t.msg)[..tag_len] == t.tag[..];
-            let verified = hmac_sha256_verify(&t.key, &t.msg, &t.tag);
+            let computed_matches = &hmac_sha256(t.key.as_slice(), t.msg.as_slice())[..tag_len] == t.tag.as_slice();
+            let verified = hmac_sha256_verify(t.key.as_slice(), t.msg.as_slice(), t.tag.as_slice());
 
             match t.result {
-                Expect::Valid => {
+                TestResult::Valid => {
                     if !computed_matches {
                         failures.push(format!("{id}: valid, hmac_sha256 gave a different tag"));
                     }
@@ -307,7 +202,7 @@ fn hmac_sha256_all_groups() {
                     }
                 }
                 // For tags under 16 bytes, refusal is by design anyway.
-                Expect::Invalid => {
+                TestResult::Invalid => {
                     if verified {
                         failures.push(format!("{id}: invalid, but hmac_sha256_verify accepted it"));
                     }
@@ -315,7 +210,7 @@ fn hmac_sha256_all_groups() {
                         failures.push(format!("{id}: invalid, but hmac_sha256 computed that tag"));
                     }
                 }
-                Expect::Acceptable => failures.push(format!(
+                TestResult::Acceptable => failures.push(format!(
                     "{id}: acceptable HMAC vector: none existed when this test was written; \
                      review its flags and decide the vault's policy"
                 )),
@@ -335,72 +230,36 @@ fn hmac_sha256_all_groups() {
 
 // ---------------------------------------------------------------- Ed25519 --
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EddsaFile {
-    number_of_tests: usize,
-    test_groups: Vec<EddsaGroup>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EddsaGroup {
-    public_key: EddsaKey,
-    tests: Vec<EddsaTest>,
-}
-
-#[derive(Deserialize)]
-struct EddsaKey {
-    #[serde(deserialize_with = "hex_bytes")]
-    pk: Vec<u8>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EddsaTest {
-    tc_id: u32,
-    comment: String,
-    flags: Vec<String>,
-    #[serde(deserialize_with = "hex_bytes")]
-    msg: Vec<u8>,
-    #[serde(deserialize_with = "hex_bytes")]
-    sig: Vec<u8>,
-    result: Expect,
-}
-
-impl TestCount for EddsaFile {
-    fn declared(&self) -> usize {
-        self.number_of_tests
-    }
-    fn present(&self) -> usize {
-        self.test_groups.iter().map(|g| g.tests.len()).sum()
-    }
-}
-
 #[test]
 fn ed25519_all_groups() {
-    let file: EddsaFile = load("ed25519_test.json");
+    let file = wycheproof::eddsa::TestSet::load(wycheproof::eddsa::TestName::Ed25519)
+        .unwrap_or_else(|e| panic!("cannot load the Wycheproof Ed25519 vectors: {e}"));
+    assert_complete(
+        "Ed25519",
+        file.number_of_tests,
+        file.test_groups.iter().map(|g| g.tests.len()),
+    );
     let mut run = 0;
     let mut failures = Vec::new();
 
     for group in &file.test_groups {
-        let pk = &group.public_key.pk;
+        let pk = group.key.pk.as_slice();
         for t in &group.tests {
             run += 1;
             let id = format!("tcId {} ({}; {:?})", t.tc_id, t.comment, t.flags);
-            let verified = ed25519_verify(pk, &t.msg, &t.sig);
+            let verified = ed25519_verify(pk, t.msg.as_slice(), t.sig.as_slice());
             match t.result {
-                Expect::Valid if !verified => {
+                TestResult::Valid if !verified => {
                     failures.push(format!("{id}: valid, but ed25519_verify refused it"));
                 }
-                Expect::Invalid if verified => {
+                TestResult::Invalid if verified => {
                     failures.push(format!("{id}: invalid, but ed25519_verify accepted it"));
                 }
-                Expect::Acceptable => failures.push(format!(
+                TestResult::Acceptable => failures.push(format!(
                     "{id}: acceptable Ed25519 vector (verified: {verified}): none existed when \
                      this test was written; review its flags and decide the vault's policy"
                 )),
-                Expect::Valid | Expect::Invalid => {}
+                TestResult::Valid | TestResult::Invalid => {}
             }
         }
     }
