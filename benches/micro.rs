@@ -98,9 +98,9 @@ fn vault_paths(c: &mut Criterion) {
         .unwrap();
     let text = secret.expose().to_owned();
     c.bench_function("token_lookup", |b| {
-        b.iter(|| black_box(rt.block_on(vault.authenticate(&ctx, Some(&text))).unwrap()))
+        b.iter(|| black_box(rt.block_on(vault.authenticate(&ctx, Some(&text), None)).unwrap()))
     });
-    let auth = rt.block_on(vault.authenticate(&ctx, Some(&text))).unwrap();
+    let auth = rt.block_on(vault.authenticate(&ctx, Some(&text), None)).unwrap();
     let req = Request {
         purpose: Some("delivery"),
         action: Action::Read,

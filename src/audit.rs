@@ -10,7 +10,7 @@
 use crate::error::{Result, VaultError};
 use crate::storage::Flusher;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +33,9 @@ pub struct AuditEntry {
     pub outcome: String,
     pub code: Option<String>,
     pub justification: Option<String>,
+    /// The token issued, revoked or granted, for those actions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_token_id: Option<String>,
     pub prev: String,
     pub hash: String,
 }
@@ -50,6 +53,7 @@ pub struct Draft {
     /// `None` for allowed; the refusal code otherwise.
     pub code: Option<String>,
     pub justification: Option<String>,
+    pub target_token_id: Option<String>,
 }
 
 impl Draft {
@@ -78,6 +82,11 @@ fn entry_hash(prev: &str, e: &AuditEntry) -> String {
     input.extend_from_slice(prev.as_bytes());
     input.push(b'\n');
     input.extend_from_slice(&body);
+    // Added later: hashed only where present, so older entries still verify.
+    if let Some(t) = &e.target_token_id {
+        input.extend_from_slice(b"\ntarget_token_id\n");
+        input.extend_from_slice(t.as_bytes());
+    }
     hex::encode(crate::crypto::sha256(&input))
 }
 
@@ -85,6 +94,10 @@ struct Writer {
     file: File,
     seq: u64,
     head: String,
+    /// Length of the file up to the last whole entry written.
+    len: u64,
+    /// A write failed and its partial bytes may still be in the file.
+    torn: bool,
 }
 
 pub struct AuditLog {
@@ -120,7 +133,7 @@ impl AuditLog {
         let dir = data_dir.join("audit");
         crate::fsutil::create_private_dir(&dir)?;
         let path = dir.join("audit.log");
-        let mut file = OpenOptions::new().create(true).read(true).append(true).open(&path)?;
+        let mut file = crate::fsutil::open_append_private(&path)?;
         // A restored data directory continues the chain of the backup's log.
         let (mut seq, mut head) = read_base(&dir)
             .map(|b| (b.seq, b.hash))
@@ -165,8 +178,17 @@ impl AuditLog {
         };
         Ok(AuditLog {
             dir,
-            writer: Mutex::new(Writer { file, seq, head }),
-            flusher: Flusher::spawn("audit", move || sync_file.sync_data()),
+            writer: Mutex::new(Writer {
+                file,
+                seq,
+                head,
+                len: good_len,
+                torn: false,
+            }),
+            flusher: Flusher::spawn("audit", move || {
+                crate::faults::hold("PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE");
+                sync_file.sync_data()
+            }),
             fsync,
             poisoned: AtomicBool::new(false),
             access,
@@ -175,8 +197,10 @@ impl AuditLog {
     }
 
     /// Appends entries and returns once they are on disk. Any failure fails
-    /// closed: the caller must release nothing (`503 audit_unavailable`), and
-    /// after a failed fsync the log refuses every later append.
+    /// closed: the caller must release nothing (`503 audit_unavailable`).
+    /// A failed write (a full disk) is cut off the file again, and the log
+    /// takes appends as soon as space is back; after a failed fsync the log
+    /// refuses every later append (what the kernel dropped cannot be known).
     pub async fn append(&self, drafts: Vec<Draft>) -> Result<Vec<AuditEntry>> {
         if self.poisoned.load(Ordering::SeqCst) {
             return Err(VaultError::AuditUnavailable);
@@ -207,6 +231,7 @@ impl AuditLog {
                     outcome: if d.code.is_none() { "allowed" } else { "refused" }.into(),
                     code: d.code,
                     justification: d.justification,
+                    target_token_id: d.target_token_id,
                     prev: head.clone(),
                     hash: String::new(),
                 };
@@ -216,12 +241,25 @@ impl AuditLog {
                 buf.push(b'\n');
                 entries.push(e);
             }
-            if let Err(_e) = w.file.write_all(&buf) {
-                self.poisoned.store(true, Ordering::SeqCst);
+            if w.torn {
+                // The probe: cut the partial bytes of the failed write.
+                let len = w.len;
+                if w.file.set_len(len).is_err() {
+                    return Err(VaultError::AuditUnavailable);
+                }
+                w.torn = false;
+            }
+            if crate::faults::enospc().and_then(|_| w.file.write_all(&buf)).is_err() {
+                w.torn = true;
+                let len = w.len;
+                if w.file.set_len(len).is_ok() {
+                    w.torn = false;
+                }
                 return Err(VaultError::AuditUnavailable);
             }
             w.seq = seq;
             w.head = head;
+            w.len += buf.len() as u64;
             entries
         };
         if self.fsync && self.flusher.sync().await.is_err() {
@@ -241,31 +279,51 @@ impl AuditLog {
         (w.seq, w.head.clone())
     }
 
-    /// Signs the current head into `checkpoints.jsonl`.
-    pub fn checkpoint(&self, key: &crate::crypto::ReceiptKey) -> Result<Option<Checkpoint>> {
+    /// Signs the current head into `checkpoints.jsonl`, chained to the
+    /// checkpoint before it, and records it as the anchor in the keys
+    /// directory, out of reach of whoever can write the data directory.
+    /// Writes nothing when the last checkpoint already covers the head.
+    pub fn checkpoint(&self, key: &crate::crypto::ReceiptKey, keys_dir: &Path) -> Result<Option<Checkpoint>> {
         let (seq, head) = self.head();
-        let path = self.dir.join("checkpoints.jsonl");
-        if let Some(last) = read_checkpoints(&path)?.last() {
-            if last.seq == seq {
-                return Ok(None);
-            }
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let last = read_checkpoints(&path)?.pop();
+        if last.as_ref().is_some_and(|l| l.seq == seq && l.head == head) {
+            return Ok(None);
         }
         let at = crate::fsutil::rfc3339(crate::fsutil::now_secs());
-        let msg = checkpoint_message(seq, &head, &at);
+        let prev = last.as_ref().map(Checkpoint::id);
+        let msg = checkpoint_message(seq, &head, &at, prev.as_deref());
         let cp = Checkpoint {
             seq,
             head,
             at,
+            prev,
             signature: b64(&key.sign(&msg)),
         };
-        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut f = crate::fsutil::open_append_private(&path)?;
         let mut line = serde_json::to_vec(&cp).expect("json");
         line.push(b'\n');
         f.write_all(&line)?;
         f.sync_data()?;
+        crate::fsutil::write_atomic(
+            &keys_dir.join(ANCHOR_FILE),
+            &serde_json::to_vec_pretty(&cp).expect("json"),
+        )?;
         Ok(Some(cp))
     }
+
+    /// When the last checkpoint was signed (Unix seconds), if any.
+    pub fn last_checkpoint_at(&self) -> Option<u64> {
+        read_checkpoints(&self.dir.join(CHECKPOINT_FILE))
+            .ok()?
+            .pop()
+            .and_then(|c| crate::fsutil::parse_rfc3339(&c.at))
+    }
 }
+
+pub const CHECKPOINT_FILE: &str = "checkpoints.jsonl";
+/// The last checkpoint, kept in the keys directory.
+pub const ANCHOR_FILE: &str = "audit.anchor";
 
 fn b64(b: &[u8]) -> String {
     use base64::Engine;
@@ -350,6 +408,20 @@ pub struct ChainBase {
     pub seq: u64,
     pub hash: String,
     pub backup_created_at: String,
+    /// The server's signature of the base (`base_message`), from the backup.
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+/// What the server signs about a backup's chain head, so that the base a
+/// restored log continues from cannot be edited unnoticed.
+pub fn base_message(seq: u64, hash: &str, created_at: &str) -> Vec<u8> {
+    format!("pdvault-audit-base-v1\n{seq}\n{hash}\n{created_at}").into_bytes()
+}
+
+/// Signs a backup's chain head (the backup header carries it).
+pub fn sign_base(key: &crate::crypto::ReceiptKey, seq: u64, hash: &str, created_at: &str) -> String {
+    b64(&key.sign(&base_message(seq, hash, created_at)))
 }
 
 pub const BASE_FILE: &str = "base.json";
@@ -367,16 +439,29 @@ pub fn write_base(data_dir: &Path, base: &ChainBase) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Checkpoint {
     pub seq: u64,
     pub head: String,
     pub at: String,
+    /// The id of the checkpoint before this one (`None` for the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
     pub signature: String,
 }
 
-pub fn checkpoint_message(seq: u64, head: &str, at: &str) -> Vec<u8> {
-    format!("pdvault-audit-checkpoint-v1\n{seq}\n{head}\n{at}").into_bytes()
+impl Checkpoint {
+    /// Names this checkpoint in the next one's `prev`.
+    pub fn id(&self) -> String {
+        hex::encode(crate::crypto::sha256(self.signature.as_bytes()))
+    }
+}
+
+pub fn checkpoint_message(seq: u64, head: &str, at: &str, prev: Option<&str>) -> Vec<u8> {
+    match prev {
+        None => format!("pdvault-audit-checkpoint-v1\n{seq}\n{head}\n{at}").into_bytes(),
+        Some(p) => format!("pdvault-audit-checkpoint-v2\n{seq}\n{head}\n{at}\n{p}").into_bytes(),
+    }
 }
 
 fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>> {
@@ -397,21 +482,56 @@ pub enum Verdict {
     Intact {
         entries: u64,
         checkpoints: usize,
+        /// The last line is incomplete (a crash or a full disk mid-append):
+        /// never acknowledged, and dropped by the server at its next start.
+        torn_tail: bool,
     },
     /// The first entry (1-based line number and the seq it claims, if any) at
     /// which the chain breaks, and why.
-    Broken {
-        line: u64,
-        seq: Option<u64>,
-        why: String,
-    },
+    Broken { line: u64, seq: Option<u64>, why: String },
 }
 
-/// Checks the whole chain, and every checkpoint against it.
-pub fn verify(data_dir: &Path, public_key: Option<&[u8; 32]>) -> Result<Verdict> {
+/// Reads the anchor (the last checkpoint) from the keys directory.
+pub fn read_anchor(keys_dir: &Path) -> Option<Checkpoint> {
+    serde_json::from_slice(&std::fs::read(keys_dir.join(ANCHOR_FILE)).ok()?).ok()
+}
+
+/// Checks the whole chain, the signed base a restored log continues from,
+/// and every checkpoint: its signature, its link to the one before, and its
+/// head against the log. `anchor` is the last checkpoint as recorded in the
+/// keys directory: the log and the checkpoint file must both still reach it,
+/// so neither a cut tail nor a removed checkpoint goes unnoticed.
+pub fn verify(data_dir: &Path, public_key: &[u8; 32], anchor: Option<&Checkpoint>) -> Result<Verdict> {
+    use base64::Engine;
+    let sig_ok = |msg: &[u8], sig: &str| {
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(sig)
+            .unwrap_or_default();
+        crate::crypto::ed25519_verify(public_key, msg, &sig)
+    };
+    let broken = |line: u64, seq: Option<u64>, why: &str| {
+        Ok(Verdict::Broken {
+            line,
+            seq,
+            why: why.into(),
+        })
+    };
     let path = AuditLog::log_path(data_dir);
     let f = File::open(&path).map_err(|e| VaultError::Internal(format!("{}: {e}", path.display())))?;
     let base = read_base(&data_dir.join("audit"));
+    if let Some(b) = &base {
+        let signed = b
+            .signature
+            .as_deref()
+            .is_some_and(|sig| sig_ok(&base_message(b.seq, &b.hash, &b.backup_created_at), sig));
+        if !signed {
+            return broken(
+                0,
+                Some(b.seq),
+                "audit/base.json is not signed by this vault (altered or forged)",
+            );
+        }
+    }
     let mut prev = base
         .as_ref()
         .map(|b| b.hash.clone())
@@ -419,71 +539,99 @@ pub fn verify(data_dir: &Path, public_key: Option<&[u8; 32]>) -> Result<Verdict>
     let mut expect_seq = base.as_ref().map(|b| b.seq).unwrap_or(0) + 1;
     let first_seq = expect_seq;
     let mut heads = std::collections::HashMap::new();
+    if let Some(b) = &base {
+        heads.insert(b.seq, b.hash.clone());
+    } else {
+        heads.insert(0, GENESIS.to_string());
+    }
     let mut line_no = 0u64;
-    for line in BufReader::new(f).lines() {
+    let mut torn_tail = false;
+    let mut r = BufReader::new(f);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if r.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
         line_no += 1;
-        let line = line?;
-        let broken = |seq: Option<u64>, why: &str| {
-            Ok(Verdict::Broken {
-                line: line_no,
-                seq,
-                why: why.into(),
-            })
-        };
-        let e: AuditEntry = match serde_json::from_str(&line) {
+        if buf.last() != Some(&b'\n') {
+            torn_tail = true;
+            break;
+        }
+        let e: AuditEntry = match serde_json::from_slice(&buf[..buf.len() - 1]) {
             Ok(e) => e,
-            Err(_) => return broken(None, "not a valid entry"),
+            Err(_) => return broken(line_no, None, "not a valid entry"),
         };
         if e.seq != expect_seq {
             return broken(
+                line_no,
                 Some(e.seq),
                 &format!("expected seq {expect_seq} (an entry was removed or reordered)"),
             );
         }
         if e.prev != prev {
-            return broken(Some(e.seq), "prev does not match the hash of the entry before");
+            return broken(line_no, Some(e.seq), "prev does not match the hash of the entry before");
         }
         if entry_hash(&prev, &e) != e.hash {
-            return broken(Some(e.seq), "the entry was altered (hash mismatch)");
+            return broken(line_no, Some(e.seq), "the entry was altered (hash mismatch)");
         }
         prev = e.hash.clone();
         heads.insert(e.seq, e.hash);
         expect_seq += 1;
     }
-    let cps = read_checkpoints(&data_dir.join("audit").join("checkpoints.jsonl"))?;
+    let entries = expect_seq - first_seq;
+    let cp_path = data_dir.join("audit").join(CHECKPOINT_FILE);
+    let cps = read_checkpoints(&cp_path)?;
+    if cps.is_empty() && (entries > 0 || base.is_some()) {
+        return broken(
+            line_no,
+            None,
+            "no signed checkpoint: audit/checkpoints.jsonl is missing or empty",
+        );
+    }
+    let mut prev_cp: Option<&Checkpoint> = None;
     for c in &cps {
-        if let Some(h) = heads.get(&c.seq) {
-            if *h != c.head {
-                return Ok(Verdict::Broken {
-                    line: c.seq,
-                    seq: Some(c.seq),
-                    why: "checkpoint head differs from the log".into(),
-                });
-            }
-        } else if c.seq != 0 {
-            return Ok(Verdict::Broken {
-                line: line_no,
-                seq: Some(c.seq),
-                why: "log is shorter than a signed checkpoint (truncated)".into(),
-            });
+        if !sig_ok(
+            &checkpoint_message(c.seq, &c.head, &c.at, c.prev.as_deref()),
+            &c.signature,
+        ) {
+            return broken(c.seq, Some(c.seq), "checkpoint signature does not verify");
         }
-        if let Some(pk) = public_key {
-            use base64::Engine;
-            let sig = base64::engine::general_purpose::STANDARD
-                .decode(&c.signature)
-                .unwrap_or_default();
-            if !crate::crypto::ed25519_verify(pk, &checkpoint_message(c.seq, &c.head, &c.at), &sig) {
-                return Ok(Verdict::Broken {
-                    line: c.seq,
-                    seq: Some(c.seq),
-                    why: "checkpoint signature does not verify".into(),
-                });
+        if let (Some(p), Some(link)) = (prev_cp, c.prev.as_ref()) {
+            if p.id() != *link {
+                return broken(
+                    c.seq,
+                    Some(c.seq),
+                    "a checkpoint before this one was removed or altered",
+                );
             }
+        }
+        match heads.get(&c.seq) {
+            Some(h) if *h == c.head => {}
+            Some(_) => return broken(c.seq, Some(c.seq), "checkpoint head differs from the log"),
+            None => {
+                return broken(
+                    line_no,
+                    Some(c.seq),
+                    "log is shorter than a signed checkpoint (truncated)",
+                )
+            }
+        }
+        prev_cp = Some(c);
+    }
+    if let Some(a) = anchor {
+        if !cps.iter().any(|c| c == a) {
+            return broken(
+                line_no,
+                Some(a.seq),
+                "the last checkpoint recorded in the keys directory is not in checkpoints.jsonl (removed, or the log was replaced)",
+            );
         }
     }
     Ok(Verdict::Intact {
-        entries: expect_seq - first_seq,
+        entries,
         checkpoints: cps.len(),
+        torn_tail,
     })
 }
 

@@ -61,6 +61,14 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
+    /// After the handshake, a request's headers must arrive within this.
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no byte read or written for this long is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Open connections allowed from one address; past it, new ones are closed.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +82,9 @@ impl Default for ServerConfig {
             batch_body_limit: 4 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections_per_ip: 256,
         }
     }
 }

@@ -38,21 +38,23 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 /// A 256-bit symmetric key (a subject's data key, a KEK, an unseal key).
-/// Wiped on drop; cannot be printed.
-pub struct SecretKey(Zeroizing<[u8; 32]>);
+/// Wiped on drop; cannot be printed. Boxed, so that moving the key moves a
+/// pointer and leaves no copy of its bytes behind.
+pub struct SecretKey(Box<Zeroizing<[u8; 32]>>);
 
 impl SecretKey {
     pub fn generate() -> Self {
-        let mut k = Zeroizing::new([0u8; 32]);
-        OsRng.fill_bytes(k.as_mut());
+        let mut k = Box::new(Zeroizing::new([0u8; 32]));
+        OsRng.fill_bytes(k.as_mut().as_mut());
         SecretKey(k)
     }
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::Malformed)?;
-        let k = SecretKey(Zeroizing::new(arr));
-        let mut arr = arr;
-        arr.zeroize();
-        Ok(k)
+        if bytes.len() != 32 {
+            return Err(CryptoError::Malformed);
+        }
+        let mut k = Box::new(Zeroizing::new([0u8; 32]));
+        k.copy_from_slice(bytes);
+        Ok(SecretKey(k))
     }
     /// The raw key bytes: only for wrapping and key derivation.
     pub fn expose_secret(&self) -> &[u8; 32] {
@@ -60,7 +62,7 @@ impl SecretKey {
     }
     /// An AES-256-GCM cipher under this key (its key schedule is wiped on drop).
     pub fn aead(&self) -> Aead256 {
-        Aead256(Aes256Gcm::new(self.0.as_ref().into()))
+        Aead256::new(self.expose_secret())
     }
 }
 
@@ -68,11 +70,13 @@ impl SecretKey {
 pub type DataKey = SecretKey;
 
 /// AES-256-GCM with 96-bit nonces and 128-bit tags, the one AEAD of the vault.
-pub struct Aead256(Aes256Gcm);
+/// Its key schedule (the `aes` and `ghash` crates built with `zeroize`) is
+/// wiped on drop, and boxed so that it is never copied by a move.
+pub struct Aead256(Box<Aes256Gcm>);
 
 impl Aead256 {
     pub fn new(key: &[u8; 32]) -> Self {
-        Aead256(Aes256Gcm::new(key.into()))
+        Aead256(Box::new(Aes256Gcm::new(key.into())))
     }
 
     /// Seals under a fresh random nonce; output is `nonce || ciphertext || tag`.
@@ -120,6 +124,14 @@ impl Aead256 {
 
 /// Decrypted personal data (or any secret bytes). Wiped on drop, never printed.
 pub struct Plaintext(Zeroizing<Vec<u8>>);
+
+// Secret types can be neither printed nor serialised: checked at compile time.
+static_assertions::assert_not_impl_any!(SecretKey: std::fmt::Debug, std::fmt::Display, serde::Serialize, Clone);
+static_assertions::assert_not_impl_any!(Aead256: std::fmt::Debug, serde::Serialize, Clone);
+static_assertions::assert_not_impl_any!(Plaintext: std::fmt::Debug, std::fmt::Display, serde::Serialize, Clone);
+static_assertions::assert_not_impl_any!(ReceiptKey: std::fmt::Debug, serde::Serialize, Clone);
+static_assertions::assert_not_impl_any!(RecordMac: std::fmt::Debug, serde::Serialize, Clone);
+static_assertions::assert_not_impl_any!(crate::tokens::TokenSecret: std::fmt::Debug, std::fmt::Display, serde::Serialize, Clone);
 
 impl Plaintext {
     pub fn new(bytes: Vec<u8>) -> Self {
@@ -174,6 +186,44 @@ pub fn derive_key(root: &SecretKey, label: &str) -> SecretKey {
     let key = SecretKey::from_bytes(&k).expect("32 bytes");
     k.zeroize();
     key
+}
+
+/// Authenticates records that grant power (tokens, grants, consents) where
+/// they are stored: `mac || body`, the MAC over a label, the record's storage
+/// key and its body, so that a record is valid only as what and where it was
+/// written (DESIGN 9).
+pub struct RecordMac(SecretKey);
+
+impl RecordMac {
+    pub const LEN: usize = 32;
+
+    pub fn new(key: SecretKey) -> Self {
+        RecordMac(key)
+    }
+
+    fn tag(&self, label: &str, key: &[u8], body: &[u8]) -> [u8; 32] {
+        hmac_parts(
+            self.0.expose_secret(),
+            &[b"pdvault-record-v1", label.as_bytes(), key, body],
+        )
+    }
+
+    /// `mac || body`.
+    pub fn seal(&self, label: &str, key: &[u8], body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN + body.len());
+        out.extend_from_slice(&self.tag(label, key, body));
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// The body, if the MAC holds.
+    pub fn open<'a>(&self, label: &str, key: &[u8], stored: &'a [u8]) -> Option<&'a [u8]> {
+        if stored.len() < Self::LEN {
+            return None;
+        }
+        let (mac, body) = stored.split_at(Self::LEN);
+        ct_eq(mac, &self.tag(label, key, body)).then_some(body)
+    }
 }
 
 /// The Ed25519 key that signs erasure receipts and audit checkpoints.

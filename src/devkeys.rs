@@ -37,7 +37,15 @@ pub fn ensure_tls(cert: &Path, key: &Path) -> Result<bool, String> {
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "pdvault dev (localhost)");
-    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    // No basicConstraints at all: an explicit cA=FALSE is a DEFAULT value,
+    // which DER forbids encoding (strict parsers refuse the certificate).
+    params.is_ca = rcgen::IsCa::NoCa;
+    // Valid from a day ago (clock skew) for one year.
+    let now = crate::fsutil::now_secs();
+    let (y, m, d) = utc_ymd(now.saturating_sub(86400));
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    let (y, m, d) = utc_ymd(now + 365 * 86400);
+    params.not_after = rcgen::date_time_ymd(y, m, d);
     params.key_usages = vec![
         rcgen::KeyUsagePurpose::DigitalSignature,
         rcgen::KeyUsagePurpose::KeyEncipherment,
@@ -48,6 +56,13 @@ pub fn ensure_tls(cert: &Path, key: &Path) -> Result<bool, String> {
     write_secret(key, &kp.serialize_pem()).map_err(|e| format!("{}: {e}", key.display()))?;
     std::fs::write(cert, cert_obj.pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
     Ok(true)
+}
+
+/// The UTC calendar day (year, month, day) of a Unix time.
+fn utc_ymd(secs: u64) -> (i32, u8, u8) {
+    let day = crate::fsutil::rfc3339(secs);
+    let num = |r: std::ops::Range<usize>| day[r].parse::<i32>().expect("RFC 3339 digits");
+    (num(0..4), num(5..7) as u8, num(8..10) as u8)
 }
 
 /// A random dev passphrase (only ever written to `keys/dev-passphrase`).

@@ -43,6 +43,8 @@ pub enum VaultError {
     RateLimited { retry_after_secs: u64 },
     #[error("the audit record could not be made durable; nothing was released")]
     AuditUnavailable,
+    #[error("the store cannot write (out of space or failing); nothing was changed or released, retry later")]
+    StorageUnavailable,
     #[error("the client certificate does not match the token's binding")]
     CertificateMismatch,
     #[error("the subject's data key of this version no longer exists")]
@@ -73,6 +75,7 @@ impl VaultError {
             GrantTooWide(_) => "grant_too_wide",
             RateLimited { .. } => "rate_limited",
             AuditUnavailable => "audit_unavailable",
+            StorageUnavailable => "storage_unavailable",
             CertificateMismatch => "token_invalid",
             DataKeyUnavailable => "data_key_unavailable",
             Internal(_) => "internal",
@@ -84,7 +87,10 @@ impl VaultError {
     pub fn is_refusal(&self) -> bool {
         !matches!(
             self,
-            VaultError::Internal(_) | VaultError::AuditUnavailable | VaultError::DataKeyUnavailable
+            VaultError::Internal(_)
+                | VaultError::AuditUnavailable
+                | VaultError::StorageUnavailable
+                | VaultError::DataKeyUnavailable
         )
     }
 
@@ -95,13 +101,20 @@ impl VaultError {
 
 impl From<sled::Error> for VaultError {
     fn from(e: sled::Error) -> Self {
-        VaultError::Internal(format!("storage: {e}"))
+        match e {
+            sled::Error::Io(io) => io.into(),
+            e => VaultError::Internal(format!("storage: {e}")),
+        }
     }
 }
 
 impl From<std::io::Error> for VaultError {
     fn from(e: std::io::Error) -> Self {
-        VaultError::Internal(format!("io: {e}"))
+        match e.kind() {
+            // A full disk (or quota) is the caller's 503, not our 500.
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => VaultError::StorageUnavailable,
+            _ => VaultError::Internal(format!("io: {e}")),
+        }
     }
 }
 

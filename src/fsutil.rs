@@ -17,6 +17,25 @@ pub fn create_private(path: &Path) -> io::Result<File> {
     o.open(path)
 }
 
+/// Opens (creating if needed) a file for appending, readable by its owner only.
+pub fn open_append_private(path: &Path) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.create(true).read(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o.open(path)
+}
+
+/// Everything the process creates from here on is private to its owner
+/// (files 0600, directories 0700), including what sled makes on its own.
+pub fn private_umask() {
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
 /// Replaces `path` with `bytes` atomically and durably: write a temporary
 /// file, fsync it, rename it over the target, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {

@@ -99,6 +99,7 @@ struct ReceiptFile {
     sealed_seed: String,
 }
 
+#[derive(Clone)]
 struct Epoch {
     created_at: u64,
     retired_at: Option<u64>,
@@ -106,6 +107,7 @@ struct Epoch {
     kek: Arc<Aead256>,
 }
 
+#[derive(Clone)]
 struct State {
     current: u32,
     epochs: BTreeMap<u32, Epoch>,
@@ -127,6 +129,7 @@ struct Derived {
     index: SecretKey,
     pseudonym: SecretKey,
     token: SecretKey,
+    record_mac: SecretKey,
 }
 
 impl Derived {
@@ -135,6 +138,7 @@ impl Derived {
             index: derive_key(root, "blind-index"),
             pseudonym: derive_key(root, "pseudonym"),
             token: derive_key(root, "token-hash"),
+            record_mac: derive_key(root, "record-mac"),
         }
     }
 }
@@ -367,6 +371,12 @@ impl Keyring {
             destroyed: st.destroyed.clone(),
         };
         let path = self.dir.join(MASTER_FILE);
+        if crate::faults::armed("PDVAULT_FAULT_KEYRING_WRITE_FILE") {
+            return Err(KeyringError::Io {
+                path,
+                source: std::io::Error::other("fault point: master.key write fails"),
+            });
+        }
         write_atomic(&path, &serde_json::to_vec_pretty(&mf).expect("json"))
             .map_err(|source| KeyringError::Io { path, source })
     }
@@ -416,6 +426,15 @@ impl Keyring {
         self.state.read().expect("keyring lock").last_rotation_at
     }
 
+    /// Writes `next` to `master.key`, then makes it the state in memory:
+    /// nothing is used (no key wrapped under a new epoch, no epoch forgotten)
+    /// before it is on disk. A failed write changes nothing.
+    fn commit(&self, st: &mut State, next: State) -> Result<(), KeyringError> {
+        self.persist_locked(&next)?;
+        *st = next;
+        Ok(())
+    }
+
     /// Starts a rotation (a new epoch becomes current for all new wrapping),
     /// or returns the one already under way so that it can be finished.
     pub fn begin_rotation(&self, now: u64) -> Result<Rotation, KeyringError> {
@@ -433,7 +452,8 @@ impl Keyring {
             + 1;
         let kek = SecretKey::generate();
         let sealed = self.unseal.aead().seal(kek.expose_secret(), &epoch_aad(target));
-        st.epochs.insert(
+        let mut next = st.clone();
+        next.epochs.insert(
             target,
             Epoch {
                 created_at: now,
@@ -442,28 +462,29 @@ impl Keyring {
                 kek: Arc::new(kek.aead()),
             },
         );
-        st.current = target;
+        next.current = target;
         let r = Rotation {
             target,
             started_at: now,
         };
-        st.rotation = Some(r);
-        self.persist_locked(&st)?;
+        next.rotation = Some(r);
+        self.commit(&mut st, next)?;
         Ok(r)
     }
 
     /// Every live data key is wrapped under the target: older epochs retire.
     pub fn finish_rotation(&self, now: u64) -> Result<(), KeyringError> {
         let mut st = self.state.write().expect("keyring lock");
-        let current = st.current;
-        for (n, e) in st.epochs.iter_mut() {
+        let mut next = st.clone();
+        let current = next.current;
+        for (n, e) in next.epochs.iter_mut() {
             if *n < current && e.retired_at.is_none() {
                 e.retired_at = Some(now);
             }
         }
-        st.rotation = None;
-        st.last_rotation_at = now;
-        self.persist_locked(&st)
+        next.rotation = None;
+        next.last_rotation_at = now;
+        self.commit(&mut st, next)
     }
 
     /// Destroys every retired epoch older than `retention`. Never while a
@@ -486,14 +507,15 @@ impl Keyring {
         if doomed.is_empty() {
             return Ok(doomed);
         }
+        let mut next = st.clone();
         for n in &doomed {
-            st.epochs.remove(n);
-            st.destroyed.push(DestroyedEpoch {
+            next.epochs.remove(n);
+            next.destroyed.push(DestroyedEpoch {
                 epoch: *n,
                 destroyed_at: now,
             });
         }
-        self.persist_locked(&st)?;
+        self.commit(&mut st, next)?;
         Ok(doomed)
     }
 
@@ -505,6 +527,10 @@ impl Keyring {
     }
     pub fn token_key(&self) -> &SecretKey {
         &self.derived.token
+    }
+    /// Authenticates stored tokens, grants and consents (DESIGN 9).
+    pub fn record_mac_key(&self) -> &SecretKey {
+        &self.derived.record_mac
     }
     pub fn receipt_key(&self) -> &ReceiptKey {
         &self.receipt

@@ -8,12 +8,14 @@
 
 use crate::error::{Result, VaultError};
 use serde::{Deserialize, Serialize};
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub const LEDGER_FILE: &str = "shred.ledger";
+/// The revocation ledger: one entry per revoked token (`id` is the token id,
+/// `receipt` the signed revocation note), replayed like the shred ledger.
+pub const REVOCATION_FILE: &str = "revocations.ledger";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LedgerEntry {
@@ -43,7 +45,11 @@ impl Ledger {
     /// Opens the ledger and checks its chain: a broken chain stops the start,
     /// since a removed line could resurrect a subject.
     pub fn open(keys_dir: &Path) -> Result<(Ledger, Vec<LedgerEntry>)> {
-        let path = keys_dir.join(LEDGER_FILE);
+        Self::open_file(keys_dir.join(LEDGER_FILE))
+    }
+
+    /// Opens the ledger in `path` (the shred or the revocation ledger).
+    pub fn open_file(path: PathBuf) -> Result<(Ledger, Vec<LedgerEntry>)> {
         let entries = read_all(&path)?;
         let head = entries
             .last()
@@ -73,7 +79,7 @@ impl Ledger {
         };
         let mut line = serde_json::to_vec(&e).expect("json");
         line.push(b'\n');
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut f = crate::fsutil::open_append_private(&self.path)?;
         f.write_all(&line)?;
         f.sync_data()?;
         *st = (seq, hash);
@@ -98,7 +104,7 @@ pub fn read_all(path: &Path) -> Result<Vec<LedgerEntry>> {
         if line.trim().is_empty() {
             continue;
         }
-        let broken = || VaultError::Internal(format!("shred ledger {} is broken at line {}", path.display(), i + 1));
+        let broken = || VaultError::Internal(format!("ledger {} is broken at line {}", path.display(), i + 1));
         let e: LedgerEntry = serde_json::from_str(&line).map_err(|_| broken())?;
         if e.seq != out.len() as u64 + 1
             || e.prev != prev

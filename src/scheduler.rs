@@ -13,7 +13,9 @@ pub const TICK: Duration = Duration::from_secs(60);
 pub fn spawn(vault: Arc<Vault>, tick: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_sweep = 0u64;
-        let mut last_checkpoint = now_secs();
+        // The schedule runs from the last signed checkpoint on disk, not from
+        // this start: a server that restarts often still signs on time.
+        let mut last_checkpoint = vault.last_checkpoint_at().unwrap_or(0);
         // An interrupted rotation is finished first.
         if vault.keyring().rotation().is_some() {
             match vault.rotate_kek().await {

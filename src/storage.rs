@@ -24,7 +24,11 @@ pub struct Flusher {
     tx: mpsc::Sender<Reply>,
 }
 
-type Reply = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+type Reply = Box<dyn FnOnce(std::result::Result<(), (std::io::ErrorKind, String)>) + Send>;
+
+fn flush_error((kind, msg): (std::io::ErrorKind, String)) -> VaultError {
+    std::io::Error::new(kind, format!("flush: {msg}")).into()
+}
 
 impl Flusher {
     pub fn spawn<F>(name: &str, flush: F) -> Flusher
@@ -38,7 +42,7 @@ impl Flusher {
                 while let Ok(first) = rx.recv() {
                     let mut waiters = vec![first];
                     waiters.extend(rx.try_iter());
-                    let r = flush().map_err(|e| e.to_string());
+                    let r = flush().map_err(|e| (e.kind(), e.to_string()));
                     for w in waiters {
                         w(r.clone());
                     }
@@ -59,7 +63,7 @@ impl Flusher {
             .map_err(|_| VaultError::internal("flusher stopped"))?;
         rx.await
             .map_err(|_| VaultError::internal("flusher stopped"))?
-            .map_err(|e| VaultError::Internal(format!("flush: {e}")))
+            .map_err(flush_error)
     }
 
     /// The same, for synchronous callers (CLI, startup).
@@ -73,7 +77,7 @@ impl Flusher {
             .map_err(|_| VaultError::internal("flusher stopped"))?;
         rx.recv()
             .map_err(|_| VaultError::internal("flusher stopped"))?
-            .map_err(|e| VaultError::Internal(format!("flush: {e}")))
+            .map_err(flush_error)
     }
 }
 
@@ -106,6 +110,17 @@ pub struct WrappedKey {
     pub sealed: Vec<u8>,
 }
 
+/// Flushes a sled database, keeping the kind of an I/O error (a full disk
+/// must reach the caller as `503 storage_unavailable`).
+fn sled_flush(db: &sled::Db) -> std::io::Result<()> {
+    crate::faults::enospc()?;
+    match db.flush() {
+        Ok(_) => Ok(()),
+        Err(sled::Error::Io(e)) => Err(e),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}
+
 /// Opens (creating if needed) a sled database, mapping its lock error to a
 /// clear message.
 fn open_db(path: &Path) -> Result<sled::Db> {
@@ -129,7 +144,6 @@ pub struct Store {
     pub index: sled::Tree,
     pub tokens: sled::Tree,
     pub token_hashes: sled::Tree,
-    pub grant_uses: sled::Tree,
     pub consents: sled::Tree,
     pub erased: sled::Tree,
     pub activity: sled::Tree,
@@ -143,7 +157,6 @@ pub const DATA_TREES: &[&str] = &[
     "index",
     "tokens",
     "token_hashes",
-    "grant_uses",
     "consents",
     "erased",
     "activity",
@@ -162,15 +175,12 @@ impl Store {
             index: t("index")?,
             tokens: t("tokens")?,
             token_hashes: t("token_hashes")?,
-            grant_uses: t("grant_uses")?,
             consents: t("consents")?,
             erased: t("erased")?,
             activity: t("activity")?,
             access: t("access")?,
             meta: t("meta")?,
-            flusher: Flusher::spawn("data", move || {
-                flush_db.flush().map(|_| ()).map_err(std::io::Error::other)
-            }),
+            flusher: Flusher::spawn("data", move || sled_flush(&flush_db)),
             db,
         })
     }
@@ -181,7 +191,6 @@ impl Store {
             "index" => &self.index,
             "tokens" => &self.tokens,
             "token_hashes" => &self.token_hashes,
-            "grant_uses" => &self.grant_uses,
             "consents" => &self.consents,
             "erased" => &self.erased,
             "activity" => &self.activity,
@@ -198,11 +207,10 @@ impl Store {
 
     /// Reserves `n` consecutive values of a persistent counter; returns the first.
     pub fn reserve_counter(&self, name: &str, n: u64) -> Result<u64> {
-        let read = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
         let v = self.meta.update_and_fetch(name, |old| {
-            Some((old.map(read).unwrap_or(0) + n).to_be_bytes().to_vec())
+            Some((old.map(read_u64).unwrap_or(0) + n).to_be_bytes().to_vec())
         })?;
-        let last = v.map(|b| read(&b)).unwrap_or(n);
+        let last = v.map(|b| read_u64(&b)).unwrap_or(n);
         Ok(last + 1 - n)
     }
 
@@ -276,6 +284,11 @@ impl Store {
             let name = String::from_utf8(name).map_err(|_| bad("tree name"))?;
             let k = read_chunk(&mut r, 4).map_err(|_| bad("truncated"))?;
             let v = read_chunk(&mut r, 4).map_err(|_| bad("truncated"))?;
+            if name == "grant_uses" {
+                // Backups made before the counters moved to the key store:
+                // a restore never resets uses, so old counters are ignored.
+                continue;
+            }
             if self.tree(&name).is_none() {
                 return Err(bad("unknown tree"));
             }
@@ -297,6 +310,10 @@ impl Store {
 }
 
 const BACKUP_MAGIC: &[u8] = b"PDVAULT-BACKUP-1\n";
+
+fn read_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))
+}
 
 fn read_chunk(r: &mut dyn Read, len_bytes: usize) -> std::io::Result<Vec<u8>> {
     let mut l = [0u8; 4];
@@ -337,10 +354,13 @@ impl Read for HashingReader<'_> {
     }
 }
 
-/// Wrapped data keys, under the keys directory.
+/// Wrapped data keys and grant use counters, under the keys directory: what
+/// no backup of the data may carry back (a restored backup must neither
+/// resurrect a key nor reset a grant's uses).
 pub struct KeyStore {
     pub db: sled::Db,
     pub keys: sled::Tree,
+    pub uses: sled::Tree,
     pub flusher: Flusher,
 }
 
@@ -368,12 +388,12 @@ impl KeyStore {
     pub fn open(keys_dir: &Path) -> Result<KeyStore> {
         let db = open_db(&keys_dir.join("datakeys"))?;
         let keys = db.open_tree("wrapped")?;
+        let uses = db.open_tree("grant_uses")?;
         let flush_db = db.clone();
         Ok(KeyStore {
             keys,
-            flusher: Flusher::spawn("keys", move || {
-                flush_db.flush().map(|_| ()).map_err(std::io::Error::other)
-            }),
+            uses,
+            flusher: Flusher::spawn("keys", move || sled_flush(&flush_db)),
             db,
         })
     }
@@ -393,6 +413,23 @@ impl KeyStore {
         self.keys
             .insert(dek_key(subject, version), postcard::to_stdvec(w).expect("postcard"))?;
         Ok(())
+    }
+
+    /// How many uses of a limited grant were taken.
+    pub fn uses(&self, grant_id: &str) -> Result<u64> {
+        Ok(self.uses.get(grant_id.as_bytes())?.map(|b| read_u64(&b)).unwrap_or(0))
+    }
+
+    /// Takes up to `n` of the `max` uses of a grant, atomically; returns how
+    /// many were taken. Not durable until the key store's flusher has run.
+    pub fn take_uses(&self, grant_id: &str, max: u64, n: u64) -> Result<u64> {
+        let mut took = 0;
+        self.uses.fetch_and_update(grant_id.as_bytes(), |old| {
+            let used = old.map(read_u64).unwrap_or(0);
+            took = n.min(max.saturating_sub(used));
+            Some((used + took).to_be_bytes().to_vec())
+        })?;
+        Ok(took)
     }
 
     /// Removes every version of a subject's key.

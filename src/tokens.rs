@@ -1,18 +1,30 @@
 //! Bearer tokens: issue, look up, revoke, and delegated grants.
 //!
-//! Owns the token record and where it lives (`tokens`, `token_hashes`,
-//! `grant_uses` trees). A token's text is 256 random bits, shown once; the
-//! store keeps only HMAC-SHA256(token key, text). Lookups go through a small
-//! in-memory cache that revocation updates at once.
+//! Owns the token record and where it lives (`tokens`, `token_hashes` in the
+//! data store; grant use counters in the key store; the revocation ledger in
+//! the keys directory). A token's text is 256 random bits, shown once; the
+//! store keeps only HMAC-SHA256(token key, text).
+//!
+//! Every stored record is authenticated (DESIGN 9): `mac || json`, the MAC
+//! under a key derived from the root secret, over the JSON, which names the
+//! token hash it belongs to. Whoever can write the data directory or a backup
+//! can therefore neither widen a token nor point a known token's hash at
+//! another token's record: a record that fails its MAC is refused and logged.
+//!
+//! Revocation is checked against the set of revoked ids read from the
+//! revocation ledger (kept with the keys, replayed at start), on every lookup,
+//! for the token and each of its ancestors; so a stale cache entry, a restored
+//! backup or an old copy of the data cannot bring a revoked token back.
 
-use crate::crypto::{hmac_parts, random_bytes, SecretKey};
+use crate::crypto::{ct_eq, hmac_parts, random_bytes, RecordMac, SecretKey};
 use crate::error::{Result, VaultError};
+use crate::ledger::Ledger;
 use crate::policy::{Capability, GrantScope, TokenView};
-use crate::storage::Store;
+use crate::storage::{KeyStore, Store};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use zeroize::Zeroizing;
 
@@ -45,6 +57,9 @@ pub struct TokenRecord {
     /// The token that minted this grant.
     pub parent: Option<String>,
     pub grant: Option<GrantScope>,
+    /// Hex of the keyed hash of the token's text: binds the record to it.
+    #[serde(default)]
+    pub hash: String,
 }
 
 impl TokenRecord {
@@ -91,11 +106,20 @@ impl Authenticated {
             grant: self.record.grant.as_ref(),
         }
     }
+
+    /// The grant's use limit, if it has one.
+    pub fn max_uses(&self) -> Option<u64> {
+        self.record.grant.as_ref().and_then(|g| g.max_uses)
+    }
 }
 
 pub struct Tokens {
     key: SecretKey,
+    mac: RecordMac,
     cache: RwLock<HashMap<[u8; 32], Arc<TokenRecord>>>,
+    /// Ids named by the revocation ledger.
+    revoked: RwLock<HashSet<String>>,
+    ledger: Ledger,
 }
 
 pub struct NewToken {
@@ -108,11 +132,25 @@ pub struct NewToken {
     pub grant: Option<GrantScope>,
 }
 
+/// A fresh token id (chosen before issuing, so the audit entry can name it).
+pub fn new_token_id() -> String {
+    format!("tok_{}", hex::encode(random_bytes::<8>()))
+}
+
 impl Tokens {
-    pub fn new(key: &SecretKey) -> Tokens {
+    /// `ledger` is the revocation ledger; its entries' ids are revoked.
+    pub fn new(
+        key: &SecretKey,
+        mac_key: &SecretKey,
+        ledger: Ledger,
+        revoked: impl IntoIterator<Item = String>,
+    ) -> Tokens {
         Tokens {
             key: SecretKey::from_bytes(key.expose_secret()).expect("32 bytes"),
+            mac: RecordMac::new(SecretKey::from_bytes(mac_key.expose_secret()).expect("32 bytes")),
             cache: RwLock::new(HashMap::new()),
+            revoked: RwLock::new(revoked.into_iter().collect()),
+            ledger,
         }
     }
 
@@ -120,16 +158,43 @@ impl Tokens {
         hmac_parts(self.key.expose_secret(), &[b"pdvault-token-v1", text.as_bytes()])
     }
 
+    fn encode(&self, rec: &TokenRecord) -> Vec<u8> {
+        let json = serde_json::to_vec(rec).expect("json");
+        self.mac.seal("token", rec.id.as_bytes(), &json)
+    }
+
+    /// Checks the MAC; a record that fails it is refused (and reported).
+    fn decode(&self, id: &str, bytes: &[u8]) -> Result<TokenRecord> {
+        let tampered = || {
+            tracing::error!(token_id = %id, "a stored token record fails its MAC: refused (the data directory was altered)");
+            VaultError::TokenInvalid
+        };
+        let json = self.mac.open("token", id.as_bytes(), bytes).ok_or_else(tampered)?;
+        let rec: TokenRecord = serde_json::from_slice(json).map_err(|_| tampered())?;
+        if rec.id != id {
+            return Err(tampered());
+        }
+        Ok(rec)
+    }
+
     /// Creates and stores a token; the caller flushes.
-    pub fn issue(&self, store: &Store, t: NewToken, now: u64) -> Result<(TokenRecord, TokenSecret)> {
+    pub fn issue(&self, store: &Store, id: String, t: NewToken, now: u64) -> Result<(TokenRecord, TokenSecret)> {
         let secret = TokenSecret::generate();
-        self.register(store, t, now, &secret).map(|r| (r, secret))
+        self.register(store, id, t, now, &secret).map(|r| (r, secret))
     }
 
     /// Stores a token with a given text (dev mode re-registers `admin.token`).
-    pub fn register(&self, store: &Store, t: NewToken, now: u64, secret: &TokenSecret) -> Result<TokenRecord> {
+    pub fn register(
+        &self,
+        store: &Store,
+        id: String,
+        t: NewToken,
+        now: u64,
+        secret: &TokenSecret,
+    ) -> Result<TokenRecord> {
+        let h = self.hash(secret.expose());
         let rec = TokenRecord {
-            id: format!("tok_{}", hex::encode(random_bytes::<8>())),
+            id,
             caller: t.caller,
             purposes: t.purposes,
             capabilities: t.capabilities,
@@ -139,24 +204,30 @@ impl Tokens {
             cert_subject: t.cert_subject,
             parent: t.parent,
             grant: t.grant,
+            hash: hex::encode(h),
         };
-        let h = self.hash(secret.expose());
-        store
-            .tokens
-            .insert(rec.id.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+        store.tokens.insert(rec.id.as_bytes(), self.encode(&rec))?;
         store.token_hashes.insert(h, rec.id.as_bytes())?;
         Ok(rec)
     }
 
     fn load(&self, store: &Store, id: &str) -> Result<Option<TokenRecord>> {
-        Ok(match store.tokens.get(id.as_bytes())? {
-            Some(b) => Some(serde_json::from_slice(&b).map_err(|_| VaultError::internal("corrupt token record"))?),
-            None => None,
-        })
+        match store.tokens.get(id.as_bytes())? {
+            Some(b) => match self.decode(id, &b) {
+                Ok(r) => Ok(Some(r)),
+                Err(VaultError::TokenInvalid) => Ok(None),
+                Err(e) => Err(e),
+            },
+            None => Ok(None),
+        }
+    }
+
+    fn is_revoked(&self, rec: &TokenRecord) -> bool {
+        rec.revoked_at.is_some() || self.revoked.read().expect("revoked set").contains(&rec.id)
     }
 
     /// Finds the token behind a bearer text. `None` when unknown.
-    pub fn lookup(&self, store: &Store, text: &str) -> Result<Option<Authenticated>> {
+    pub fn lookup(&self, store: &Store, keystore: &KeyStore, text: &str) -> Result<Option<Authenticated>> {
         let h = self.hash(text);
         let cached = self.cache.read().expect("token cache").get(&h).cloned();
         let rec = match cached {
@@ -169,20 +240,25 @@ impl Tokens {
                 let Some(r) = self.load(store, &id)? else {
                     return Ok(None);
                 };
+                if !ct_eq(r.hash.as_bytes(), hex::encode(h).as_bytes()) {
+                    tracing::error!(token_id = %id, "a token hash points at another token's record: refused");
+                    return Ok(None);
+                }
+                crate::faults::pause("PDVAULT_FAULT_TOKEN_FILL_PAUSE", &r.caller);
                 let r = Arc::new(r);
                 self.cache.write().expect("token cache").insert(h, r.clone());
                 r
             }
         };
         // Walk the parent chain: a revoked or expired parent ends its grants.
-        let (mut revoked, mut expires_at) = (rec.revoked_at.is_some(), rec.expires_at);
+        let (mut revoked, mut expires_at) = (self.is_revoked(&rec), rec.expires_at);
         let mut parent = rec.parent.clone();
         let mut depth = 0;
         while let Some(pid) = parent {
             depth += 1;
             match self.load(store, &pid)? {
                 Some(p) if depth < 8 => {
-                    revoked |= p.revoked_at.is_some();
+                    revoked |= self.is_revoked(&p);
                     expires_at = expires_at.min(p.expires_at);
                     parent = p.parent;
                 }
@@ -193,11 +269,7 @@ impl Tokens {
             }
         }
         let uses = if rec.grant.as_ref().is_some_and(|g| g.max_uses.is_some()) {
-            store
-                .grant_uses
-                .get(rec.id.as_bytes())?
-                .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
-                .unwrap_or(0)
+            keystore.uses(&rec.id)?
         } else {
             0
         };
@@ -209,26 +281,27 @@ impl Tokens {
         }))
     }
 
-    /// Takes one use of a limited grant, atomically; false when none is left.
-    pub fn consume_use(&self, store: &Store, a: &Authenticated) -> Result<bool> {
-        let Some(max) = a.record.grant.as_ref().and_then(|g| g.max_uses) else {
-            return Ok(true);
-        };
-        let mut took = false;
-        store.grant_uses.fetch_and_update(a.record.id.as_bytes(), |old| {
-            let n = old
-                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-                .unwrap_or(0);
-            took = n < max;
-            Some((if took { n + 1 } else { n }).to_be_bytes().to_vec())
-        })?;
-        Ok(took)
+    /// Takes up to `n` uses of a limited grant, atomically; returns how many
+    /// were taken (all `n` for an unlimited token). The caller makes the key
+    /// store durable before it releases anything.
+    pub fn take_uses(&self, keystore: &KeyStore, a: &Authenticated, n: u64) -> Result<u64> {
+        match a.max_uses() {
+            None => Ok(n),
+            Some(max) => keystore.take_uses(&a.record.id, max, n),
+        }
     }
 
     pub fn list(&self, store: &Store) -> Result<Vec<TokenRecord>> {
         let mut out = vec![];
-        for v in store.tokens.iter().values() {
-            out.push(serde_json::from_slice(&v?).map_err(|_| VaultError::internal("corrupt token record"))?);
+        for kv in store.tokens.iter() {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            if let Ok(mut r) = self.decode(&id, &v) {
+                if r.revoked_at.is_none() && self.is_revoked(&r) {
+                    r.revoked_at = Some(r.created_at);
+                }
+                out.push(r);
+            }
         }
         Ok(out)
     }
@@ -237,16 +310,28 @@ impl Tokens {
         self.load(store, id)
     }
 
-    /// Revokes at once: the cache entry is replaced before this returns.
-    pub fn revoke(&self, store: &Store, id: &str, now: u64) -> Result<Option<TokenRecord>> {
+    /// Revokes at once: the ledger entry is durable and the revoked set holds
+    /// the id before this returns, so no lookup after it accepts the token.
+    /// The caller flushes the data store.
+    pub fn revoke(
+        &self,
+        store: &Store,
+        keys: &crate::keyring::Keyring,
+        id: &str,
+        now: u64,
+    ) -> Result<Option<TokenRecord>> {
         let Some(mut rec) = self.load(store, id)? else {
             return Ok(None);
         };
+        if !self.revoked.read().expect("revoked set").contains(id) {
+            let note = serde_json::json!({"token_id": id, "revoked_at": crate::fsutil::rfc3339(now)});
+            let sig = crate::receipt::sign(keys.receipt_key(), &note);
+            self.ledger.append(id, &note, &sig)?;
+            self.revoked.write().expect("revoked set").insert(id.to_owned());
+        }
         if rec.revoked_at.is_none() {
             rec.revoked_at = Some(now);
-            store
-                .tokens
-                .insert(id.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+            store.tokens.insert(id.as_bytes(), self.encode(&rec))?;
         }
         let mut cache = self.cache.write().expect("token cache");
         for v in cache.values_mut() {
@@ -257,10 +342,28 @@ impl Tokens {
         Ok(Some(rec))
     }
 
+    /// Start and restore: marks every token the revocation ledger names as
+    /// revoked in the data store. Returns how many records it changed.
+    pub fn replay_revocations(&self, store: &Store) -> Result<usize> {
+        let ids: Vec<String> = self.revoked.read().expect("revoked set").iter().cloned().collect();
+        let now = crate::fsutil::now_secs();
+        let mut n = 0;
+        for id in ids {
+            if let Some(mut rec) = self.load(store, &id)? {
+                if rec.revoked_at.is_none() {
+                    rec.revoked_at = Some(now);
+                    store.tokens.insert(id.as_bytes(), self.encode(&rec))?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Whether a token text is known and usable (dev-mode start-up check).
-    pub fn is_usable(&self, store: &Store, text: &str, now: u64) -> Result<bool> {
+    pub fn is_usable(&self, store: &Store, keystore: &KeyStore, text: &str, now: u64) -> Result<bool> {
         Ok(self
-            .lookup(store, text)?
+            .lookup(store, keystore, text)?
             .is_some_and(|a| !a.revoked && a.expires_at > now))
     }
 }

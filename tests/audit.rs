@@ -90,19 +90,6 @@ fn verify(s: &Server, data: &Path) -> (i32, String, String) {
     run(&mut c)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        let t = to.join(e.file_name());
-        if p.is_dir() {
-            copy_dir(&p, &t);
-        } else {
-            std::fs::copy(&p, &t).unwrap();
-        }
-    }
-}
-
 /// The values of `full_subject()`, raw and normalised, that must never be
 /// found in the audit trail. (Short values such as "10" or "5" are left out:
 /// they occur by chance in sequence numbers and hashes.)
@@ -1118,6 +1105,11 @@ fn rehash(prev: &str, e: &Value) -> String {
     let mut input = prev.as_bytes().to_vec();
     input.push(b'\n');
     input.extend_from_slice(&serde_json::to_vec(&tuple).unwrap());
+    // Token issue, revoke and grant entries also chain the token they name.
+    if let Some(t) = e["target_token_id"].as_str() {
+        input.extend_from_slice(b"\ntarget_token_id\n");
+        input.extend_from_slice(t.as_bytes());
+    }
     hex::encode(sha2::Sha256::digest(&input))
 }
 

@@ -905,8 +905,12 @@ async fn guessing_tokens_ends_in_429() {
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
     assert!(elapsed < Duration::from_secs(30), "guessing took {elapsed:?}");
 
-    // While locked out, even a good token is refused, and nothing is released.
+    // While the guesser is locked out, a good token from the same address is
+    // still served (a valid caller is never refused for another's failures),
+    // and the guesses go on being refused.
     let r = s.get("/v1/admin/tokens", &s.admin, None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = s.get("/v1/admin/tokens", "pdv_another_guess", None).await;
     assert_problem(&r, 429, "rate_limited");
     assert!(r.headers.get("retry-after").is_some());
     // Health needs no token and still answers.

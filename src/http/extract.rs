@@ -81,16 +81,21 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
         let peer = parts.extensions.get::<ConnInfo>().map(|c| c.peer);
-        if let Some(secs) = peer.and_then(|p| state.limiter.locked(p)) {
-            state.vault.metrics.rate_limited.inc();
-            return Err(ApiError(VaultError::RateLimited { retry_after_secs: secs }));
-        }
+        // The lockout slows and then refuses unknown tokens only: a caller
+        // with a valid token is never refused for another caller's failures
+        // behind the same address.
+        let locked = peer.and_then(|p| state.limiter.locked(p));
         let ctx = context(parts)?;
         let bearer = header_str(parts, "authorization")?.and_then(|h| {
             let (scheme, rest) = h.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
-        match state.vault.authenticate(&ctx, bearer).await {
+        let result = state.vault.authenticate(&ctx, bearer, locked).await;
+        let had_bearer = bearer.is_some();
+        // The header held the token's text: drop it now, so no later layer
+        // keeps a copy (its bytes are hyper's read buffer, reused by the next read).
+        parts.headers.remove(axum::http::header::AUTHORIZATION);
+        match result {
             Ok(auth) => {
                 if let Some(p) = peer {
                     state.limiter.success(p);
@@ -109,7 +114,10 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                 Ok(Caller { ctx, auth })
             }
             Err(e) => {
-                if let (Some(p), VaultError::TokenInvalid, Some(_)) = (peer, &e, bearer) {
+                if matches!(e, VaultError::RateLimited { .. }) {
+                    state.vault.metrics.rate_limited.inc();
+                }
+                if let (Some(p), VaultError::TokenInvalid, true) = (peer, &e, had_bearer) {
                     let delay = state.limiter.failure(p);
                     if !delay.is_zero() {
                         tokio::time::sleep(delay.min(Duration::from_secs(2))).await;

@@ -7,7 +7,7 @@ use super::AppState;
 use crate::error::VaultError;
 use crate::vault::{BatchItem, GrantRequest, IssueRequest, Released};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -107,23 +107,25 @@ pub async fn create(State(st): S, c: Caller, JsonBody(b): JsonBody<FieldsBody>) 
     Ok(r)
 }
 
-fn parse_field_list(s: &str) -> Option<Vec<String>> {
-    let v: Vec<String> = s
-        .split(',')
+/// Every field named in the query: `fields` may repeat and each value may
+/// list several (`?fields=a,b&fields=c`). All of them are checked; none is
+/// dropped, whatever the spelling.
+fn parse_field_list(query: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|_| ApiError(VaultError::BadRequest("the query string is malformed".into())))?;
+    let v: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "fields")
+        .flat_map(|(_, v)| v.split(','))
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect();
-    (!v.is_empty()).then_some(v)
+    Ok((!v.is_empty()).then_some(v))
 }
 
-pub async fn read(
-    State(st): S,
-    c: Caller,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
-    let fields = q.get("fields").and_then(|s| parse_field_list(s));
+pub async fn read(State(st): S, c: Caller, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let fields = parse_field_list(q.as_deref())?;
     let r = st.vault.read(&c.ctx, &c.auth, &id, fields.as_deref()).await?;
     let version = r.version;
     Ok(secret_response(StatusCode::OK, released_body(&[&r]), Some(version)))

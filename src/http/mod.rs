@@ -47,12 +47,49 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| "(unmatched)".into());
     let started = std::time::Instant::now();
-    let mut resp = next.run(req).await;
+    let mut resp = match oversized(&req) {
+        Some(r) => r,
+        None => next.run(req).await,
+    };
     resp.headers_mut()
         .insert("x-request-id", HeaderValue::from_str(&id).expect("validated ascii"));
+    // Nothing the vault answers may be kept by a cache (most answers carry
+    // personal data, a token or a decision): the rule is written once, here.
+    if !resp.headers().contains_key(axum::http::header::CACHE_CONTROL) {
+        resp.headers_mut()
+            .insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     // Route templates only: a path's subject id is fine, a query never logged.
     tracing::info!(request_id = %id, %method, route, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
     resp
+}
+
+/// Longest request target answered; past it, `414` (problem+json).
+pub const MAX_URI: usize = 8 * 1024;
+/// Most header bytes and headers answered; past them, `431` (problem+json).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub const MAX_HEADERS: usize = 100;
+
+/// The `414`/`431` answers, as problem+json like every other error.
+fn oversized(req: &Request) -> Option<Response> {
+    use axum::http::StatusCode;
+    if req.uri().to_string().len() > MAX_URI {
+        return Some(problem::routing_problem(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            &format!("the request target exceeds {MAX_URI} bytes"),
+        ));
+    }
+    let h = req.headers();
+    let bytes: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if h.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return Some(problem::routing_problem(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            &format!("the request headers exceed {MAX_HEADERS} fields or {MAX_HEADER_BYTES} bytes"),
+        ));
+    }
+    None
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

@@ -29,7 +29,7 @@ pub fn status_of(e: &VaultError) -> StatusCode {
         VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
         PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-        AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        AuditUnavailable | StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         DataKeyUnavailable | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -54,6 +54,9 @@ fn title_of(code: &str) -> &'static str {
         "grant_too_wide" => "Grant too wide",
         "rate_limited" => "Too many requests",
         "audit_unavailable" => "Audit unavailable",
+        "storage_unavailable" => "Storage unavailable",
+        "uri_too_long" => "URI too long",
+        "headers_too_large" => "Request header fields too large",
         "data_key_unavailable" => "Data key unavailable",
         _ => "Internal error",
     }

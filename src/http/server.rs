@@ -5,12 +5,18 @@
 
 use super::extract::ConnInfo;
 use crate::config::Config;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -130,8 +136,100 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// A connection's I/O that notes the time of its last byte read or written,
+/// so that a connection silent for `idle_timeout` can be closed.
+struct IdleIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+/// The last I/O of a connection and the requests it has in flight.
+struct Activity {
+    start: std::time::Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Open connections per peer address; a slot is given back when dropped.
+#[derive(Clone, Default)]
+struct PerIp(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>);
+
+struct Slot(PerIp, IpAddr);
+
+impl PerIp {
+    fn take(&self, ip: IpAddr, cap: usize) -> Option<Slot> {
+        let mut m = self.0.lock().expect("per-ip counts");
+        let n = m.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.clone(), ip))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().expect("per-ip counts");
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open
-/// connections finish for up to `grace`.
+/// connections finish for up to `grace`. Every connection has deadlines: the
+/// handshake (`handshake_timeout`), each request's headers
+/// (`header_read_timeout`), and silence between requests (`idle_timeout`);
+/// and one address holds at most `max_connections_per_ip` of them.
 pub async fn serve(
     listener: TcpListener,
     tls: rustls::ServerConfig,
@@ -142,6 +240,10 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let handshake_timeout = cfg.server.handshake_timeout;
+    let header_timeout = cfg.server.header_read_timeout;
+    let idle_timeout = cfg.server.idle_timeout;
+    let cap = cfg.server.max_connections_per_ip;
+    let per_ip = PerIp::default();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
@@ -155,11 +257,17 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let Some(slot) = per_ip.take(peer.ip(), cap) else {
+            tracing::debug!(%peer, "connection refused: too many open from this address");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -181,14 +289,54 @@ pub async fn serve(
                 peer: peer.ip(),
                 cert_subject,
             };
+            let activity = Arc::new(Activity::new());
+            let in_svc = activity.clone();
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(info.clone());
-                app.clone().oneshot(req.map(axum::body::Body::new))
+                let app = app.clone();
+                let act = in_svc.clone();
+                async move {
+                    act.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let r = app.oneshot(req.map(axum::body::Body::new)).await;
+                    act.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    act.touch();
+                    r
+                }
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                // Room past our own limit, so that too many headers get our
+                // problem+json 431 and not hyper's bare one.
+                .max_headers(super::MAX_HEADERS * 2);
+            builder
+                .http2()
+                .max_header_list_size((super::MAX_HEADER_BYTES * 4) as u32);
+            let io = IdleIo {
+                inner: tls,
+                activity: activity.clone(),
+            };
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
+            tokio::pin!(conn);
+            let check =
+                (idle_timeout / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(check) => {
+                        if activity.in_flight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle_timeout {
+                            tracing::debug!(%peer, "connection closed: idle");
+                            break;
+                        }
+                    }
+                }
             }
         });
     }

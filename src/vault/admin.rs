@@ -53,11 +53,13 @@ impl Vault {
             Ok(c) => c,
             Err(e) => return Err(self.refuse(ctx, auth, "token_issue", None, vec![], e).await),
         };
-        self.record(vec![self.draft(ctx, Some(auth), "token_issue", None, vec![], None)])
+        let id = new_token_id();
+        self.record(vec![self.token_draft(ctx, auth, "token_issue", None, vec![], &id)])
             .await?;
         let _g = self.gate.read().await;
         let out = self.tokens.issue(
             &self.store,
+            id,
             NewToken {
                 caller: req.caller,
                 purposes: req.purposes,
@@ -83,10 +85,10 @@ impl Vault {
     pub async fn revoke_token(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<TokenRecord> {
         self.admin(ctx, auth, "token_revoke").await?;
         let _g = self.gate.read().await;
-        match self.tokens.revoke(&self.store, id, now_secs())? {
+        match self.tokens.revoke(&self.store, &self.keyring, id, now_secs())? {
             Some(r) => {
                 self.store.flusher.sync().await?;
-                self.record(vec![self.draft(ctx, Some(auth), "token_revoke", None, vec![], None)])
+                self.record(vec![self.token_draft(ctx, auth, "token_revoke", None, vec![], id)])
                     .await?;
                 Ok(r)
             }
@@ -100,18 +102,25 @@ impl Vault {
     /// Dev mode: make sure the token text in `admin.token` works here.
     pub fn ensure_dev_admin(&self, text: &str) -> Result<bool> {
         let now = now_secs();
-        if self.tokens.is_usable(&self.store, text, now)? {
+        if self.tokens.is_usable(&self.store, &self.keystore, text, now)? {
             return Ok(false);
         }
-        self.tokens
-            .register(&self.store, first_admin_token(), now, &TokenSecret::from_text(text))?;
+        self.tokens.register(
+            &self.store,
+            new_token_id(),
+            first_admin_token(),
+            now,
+            &TokenSecret::from_text(text),
+        )?;
         self.store.flusher.sync_blocking()?;
         Ok(true)
     }
 
     /// `pdvault init`: the first admin token.
     pub fn issue_first_admin(&self) -> Result<TokenSecret> {
-        let (_, secret) = self.tokens.issue(&self.store, first_admin_token(), now_secs())?;
+        let (_, secret) = self
+            .tokens
+            .issue(&self.store, new_token_id(), first_admin_token(), now_secs())?;
         self.store.flusher.sync_blocking()?;
         Ok(secret)
     }
@@ -154,18 +163,20 @@ impl Vault {
             Ok(f) => f,
             Err(e) => return Err(self.refuse(ctx, auth, "grant", audit_subject, names, e).await),
         };
-        self.record(vec![self.draft(
+        let id = new_token_id();
+        self.record(vec![self.token_draft(
             ctx,
-            Some(auth),
+            auth,
             "grant",
             audit_subject,
             fields.clone(),
-            None,
+            &id,
         )])
         .await?;
         let _g = self.gate.read().await;
         let out = self.tokens.issue(
             &self.store,
+            id,
             NewToken {
                 caller: g.caller,
                 purposes: vec![granted_purpose],
@@ -346,20 +357,29 @@ impl Vault {
             .await?;
         let _g = self.gate.write().await;
         let (seq, head) = self.audit.head();
+        let created_at = rfc3339(now_secs());
+        let base_signature = crate::audit::sign_base(self.keyring.receipt_key(), seq, &head, &created_at);
         let header = json!({
             "format": 1,
-            "created_at": rfc3339(now_secs()),
+            "created_at": created_at,
             "key_epoch": self.keyring.current_epoch(),
-            "audit_head": {"seq": seq, "hash": head},
+            "audit_head": {"seq": seq, "hash": head, "signature": base_signature},
             "ledger_head": self.ledger.head().0,
             "note": "ciphertexts, blind-index HMACs and token hashes only; data keys stay in the keys directory",
         });
         tokio::task::block_in_place(|| self.store.write_backup(out, &header))
     }
 
-    /// Signs the audit chain's head (scheduler).
+    /// Signs the audit chain's head (at start, on schedule, at shutdown).
     pub fn audit_checkpoint(&self) -> Result<()> {
-        self.audit.checkpoint(self.keyring.receipt_key()).map(|_| ())
+        self.audit
+            .checkpoint(self.keyring.receipt_key(), self.keyring.dir())
+            .map(|_| ())
+    }
+
+    /// When the last checkpoint was signed, if ever (the schedule's start).
+    pub fn last_checkpoint_at(&self) -> Option<u64> {
+        self.audit.last_checkpoint_at()
     }
 
     pub fn store(&self) -> &Store {

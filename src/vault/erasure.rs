@@ -129,6 +129,7 @@ impl Vault {
                 fields: vec![],
                 code: None,
                 justification: ctx.justification.clone(),
+                target_token_id: None,
             };
             self.record(vec![d]).await?;
             self.shred(&id, &rec, "retention", "retention-sweeper").await?;
@@ -225,6 +226,7 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
             seq,
             hash: hash.to_owned(),
             backup_created_at: header["created_at"].as_str().unwrap_or_default().to_owned(),
+            signature: header["audit_head"]["signature"].as_str().map(str::to_owned),
         };
         crate::audit::write_base(dir, &base)?;
     }
@@ -232,6 +234,10 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
     let (_, entries) = Ledger::open(&cfg.keys.dir)?;
     store.meta.remove("ledger_applied")?;
     let replayed = replay_ledger(&store, &keystore, &entries)?;
+    // Revocations are replayed against the token records at the next start
+    // (which needs the keyring); until then no server runs on this directory,
+    // and every lookup checks the revocation ledger in any case.
+    let (_, revocations) = Ledger::open_file(cfg.keys.dir.join(crate::ledger::REVOCATION_FILE))?;
     let mut unrecoverable = vec![];
     for kv in store.subjects.iter() {
         let (k, v) = kv?;
@@ -253,6 +259,7 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
         "records": records,
         "backup": header,
         "ledger_entries_replayed": replayed,
+        "revocations_on_record": revocations.len(),
         "subjects": store.subjects.len(),
         "unrecoverable": unrecoverable.iter().map(|(id, _)| id).collect::<Vec<_>>(),
     }))

@@ -24,7 +24,7 @@ use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::{Action, Allowed, Capability, FieldsAsked, GrantScope, Request, SubjectState};
 use crate::release::{release, ReleaseForm};
 use crate::storage::{dek_key, parse_dek_key, KeyStore, Store, SubjectRecord, WrappedKey};
-use crate::tokens::{Authenticated, NewToken, TokenRecord, TokenSecret, Tokens};
+use crate::tokens::{new_token_id, Authenticated, NewToken, TokenRecord, TokenSecret, Tokens};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use zeroize::Zeroize;
@@ -120,6 +120,8 @@ pub struct Vault {
     audit: AuditLog,
     ledger: Ledger,
     tokens: Tokens,
+    /// Authenticates stored consents (tokens authenticate their own records).
+    records: crate::crypto::RecordMac,
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// Writers share it; a backup takes it alone, so its snapshot is consistent.
     gate: tokio::sync::RwLock<()>,
@@ -198,7 +200,20 @@ impl Vault {
         replay_ledger(&store, &keystore, &entries).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(&cfg.data_dir, store.access.clone(), &store.meta, cfg.audit.fsync)
             .map_err(|e| e.to_string())?;
-        let tokens = Tokens::new(keyring.token_key());
+        let (revocations, revoked) =
+            Ledger::open_file(cfg.keys.dir.join(crate::ledger::REVOCATION_FILE)).map_err(|e| e.to_string())?;
+        let tokens = Tokens::new(
+            keyring.token_key(),
+            keyring.record_mac_key(),
+            revocations,
+            revoked.into_iter().map(|e| e.id),
+        );
+        let records = crate::crypto::RecordMac::new(
+            crate::crypto::SecretKey::from_bytes(keyring.record_mac_key().expose_secret()).expect("32 bytes"),
+        );
+        if tokens.replay_revocations(&store).map_err(|e| e.to_string())? > 0 {
+            store.flusher.sync_blocking().map_err(|e| e.to_string())?;
+        }
         Ok(Vault {
             cfg,
             keyring,
@@ -206,6 +221,7 @@ impl Vault {
             store,
             audit,
             ledger,
+            records,
             tokens,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             gate: tokio::sync::RwLock::new(()),
@@ -239,6 +255,7 @@ impl Vault {
                 cert_subject: None,
                 parent: None,
                 grant: None,
+                hash: String::new(),
             }),
             revoked: false,
             expires_at: u64::MAX,
@@ -247,10 +264,12 @@ impl Vault {
     }
 
     /// Finds the token behind a bearer text and checks its certificate
-    /// binding. Unknown tokens are recorded as refusals.
-    pub async fn authenticate(&self, ctx: &Ctx, bearer: Option<&str>) -> Result<Authenticated> {
+    /// binding. Unknown tokens are recorded as refusals, except while the
+    /// peer is locked out (`locked`: seconds left): then they are answered
+    /// `429` unrecorded. A known token is never refused for the lockout.
+    pub async fn authenticate(&self, ctx: &Ctx, bearer: Option<&str>, locked: Option<u64>) -> Result<Authenticated> {
         let found = match bearer {
-            Some(t) if !t.is_empty() && t.len() <= 256 => self.tokens.lookup(&self.store, t)?,
+            Some(t) if !t.is_empty() && t.len() <= 256 => self.tokens.lookup(&self.store, &self.keystore, t)?,
             _ => None,
         };
         let err = match found {
@@ -258,7 +277,10 @@ impl Vault {
                 Some(bound) if !cert_matches(bound, ctx.cert_subject.as_deref()) => VaultError::CertificateMismatch,
                 _ => return Ok(a),
             },
-            None => VaultError::TokenInvalid,
+            None => match locked {
+                Some(secs) => return Err(VaultError::RateLimited { retry_after_secs: secs }),
+                None => VaultError::TokenInvalid,
+            },
         };
         self.record(vec![self.draft(ctx, None, "authenticate", None, vec![], Some(&err))])
             .await?;
@@ -304,6 +326,23 @@ impl Vault {
             code: err.map(|e| e.code().to_owned()),
             // At most 500 characters are kept (longer ones are refused later).
             justification: ctx.justification.as_ref().map(|j| j.chars().take(500).collect()),
+            target_token_id: None,
+        }
+    }
+
+    /// The draft of a token issue, revocation or grant: names the token concerned.
+    fn token_draft(
+        &self,
+        ctx: &Ctx,
+        auth: &Authenticated,
+        action: &str,
+        subject: Option<&str>,
+        fields: Vec<String>,
+        token_id: &str,
+    ) -> Draft {
+        Draft {
+            target_token_id: Some(token_id.to_owned()),
+            ..self.draft(ctx, Some(auth), action, subject, fields, None)
         }
     }
 
@@ -385,13 +424,30 @@ impl Vault {
 
     /// Takes one use of a limited grant; refused (and recorded) when used up.
     async fn take_use(&self, ctx: &Ctx, auth: &Authenticated, action: &str, subject: Option<&str>) -> Result<()> {
-        if self.tokens.consume_use(&self.store, auth)? {
-            Ok(())
-        } else {
-            Err(self
-                .refuse(ctx, auth, action, subject, vec![], VaultError::TokenInvalid)
-                .await)
+        self.take_uses(ctx, auth, action, subject, 1).await.map(|_| ())
+    }
+
+    /// Takes up to `n` uses (a use is one release of one subject) and makes
+    /// them durable before anything is released; returns how many it took.
+    /// None left is refused (and recorded).
+    async fn take_uses(
+        &self,
+        ctx: &Ctx,
+        auth: &Authenticated,
+        action: &str,
+        subject: Option<&str>,
+        n: u64,
+    ) -> Result<u64> {
+        let took = self.tokens.take_uses(&self.keystore, auth, n)?;
+        if auth.max_uses().is_some() && took > 0 {
+            self.keystore.flusher.sync().await?;
         }
+        if took == 0 && n > 0 {
+            return Err(self
+                .refuse(ctx, auth, action, subject, vec![], VaultError::TokenInvalid)
+                .await);
+        }
+        Ok(took)
     }
 
     fn subject_state(&self, id: &str, purpose: Option<&str>) -> Result<(SubjectState, Option<SubjectRecord>)> {

@@ -118,7 +118,24 @@ impl Vault {
         let names = allowed.fields.iter().map(|(n, _)| n.clone()).collect();
         self.record(vec![self.draft(ctx, Some(auth), "read", Some(id), names, None)])
             .await?;
-        self.release_record(ctx, id, &rec, &allowed)
+        self.release_current(ctx, id, rec, &allowed).await
+    }
+
+    /// Releases a loaded record. If an edit re-keyed the subject (or an
+    /// erasure shredded it) since it was loaded, its key is gone: wait for
+    /// that write (it holds the subject's lock), load the subject again and
+    /// release the version it left. A read sees one version whole, or 410.
+    async fn release_current(&self, ctx: &Ctx, id: &str, rec: SubjectRecord, allowed: &Allowed) -> Result<Released> {
+        match self.release_record(ctx, id, &rec, allowed) {
+            Err(VaultError::DataKeyUnavailable) => {}
+            other => return other,
+        }
+        let _lock = self.stripe(id).lock().await;
+        match self.subject_state(id, None)? {
+            (SubjectState::Erased, _) => Err(VaultError::SubjectErased),
+            (_, Some(now)) => self.release_record(ctx, id, &now, allowed),
+            (_, None) => Err(VaultError::SubjectNotFound),
+        }
     }
 
     fn release_record(&self, ctx: &Ctx, id: &str, rec: &SubjectRecord, allowed: &Allowed) -> Result<Released> {
@@ -143,7 +160,6 @@ impl Vault {
         }
         let asked = fields.map(FieldsAsked::Named).unwrap_or(FieldsAsked::Default);
         let now = now_secs();
-        let mut drafts = Vec::with_capacity(ids.len());
         let mut staged = Vec::with_capacity(ids.len());
         for id in ids {
             let (state, rec) = self.subject_state(id, ctx.purpose.as_deref())?;
@@ -156,30 +172,55 @@ impl Vault {
                 justification: ctx.justification.as_deref(),
                 now,
             };
-            match self.cfg.policy.decide(&auth.view(), &req) {
-                Ok(a) => {
+            staged.push(match self.cfg.policy.decide(&auth.view(), &req) {
+                Ok(a) => Ok((id, rec.expect("live subject has a record"), a)),
+                Err(e) => Err((id, e)),
+            });
+        }
+        // A use is one release of one subject: a limited grant releases as
+        // many items as it has uses left; the rest are refused one by one.
+        let wanted = staged.iter().filter(|s| s.is_ok()).count() as u64;
+        let mut uses = if wanted > 0 {
+            self.take_uses(ctx, auth, "batch_get", None, wanted).await?
+        } else {
+            0
+        };
+        let mut drafts = Vec::with_capacity(staged.len());
+        let mut decided = Vec::with_capacity(staged.len());
+        for s in staged {
+            match s {
+                Ok((id, rec, a)) if uses > 0 => {
+                    uses -= 1;
                     let names = a.fields.iter().map(|(n, _)| n.clone()).collect();
                     drafts.push(self.draft(ctx, Some(auth), "batch_get", Some(id), names, None));
-                    staged.push(Ok((id.clone(), rec.expect("live subject has a record"), a)));
+                    decided.push(Ok((id, rec, a)));
                 }
-                Err(e) => {
+                Ok((id, _, _)) => {
+                    let e = VaultError::TokenInvalid;
                     drafts.push(self.draft(ctx, Some(auth), "batch_get", Some(id), asked_names(asked), Some(&e)));
-                    staged.push(Err((id.clone(), e)));
+                    decided.push(Err((id, e)));
+                }
+                Err((id, e)) => {
+                    drafts.push(self.draft(ctx, Some(auth), "batch_get", Some(id), asked_names(asked), Some(&e)));
+                    decided.push(Err((id, e)));
                 }
             }
         }
-        if staged.iter().any(|s| s.is_ok()) {
-            self.take_use(ctx, auth, "batch_get", None).await?;
-        }
         self.record(drafts).await?;
-        let mut out = Vec::with_capacity(staged.len());
-        for s in staged {
+        let mut out = Vec::with_capacity(decided.len());
+        for s in decided {
             out.push(match s {
-                Ok((id, rec, a)) => match self.release_record(ctx, &id, &rec, &a) {
+                Ok((id, rec, a)) => match self.release_current(ctx, id, rec, &a).await {
                     Ok(r) => BatchItem::Ok(r),
-                    Err(e) => BatchItem::Err { id: Some(id), error: e },
+                    Err(e) => BatchItem::Err {
+                        id: Some(id.clone()),
+                        error: e,
+                    },
                 },
-                Err((id, e)) => BatchItem::Err { id: Some(id), error: e },
+                Err((id, e)) => BatchItem::Err {
+                    id: Some(id.clone()),
+                    error: e,
+                },
             });
         }
         Ok(out)
@@ -308,15 +349,34 @@ impl Vault {
 
     // ----- consents -----------------------------------------------------------
 
-    pub(super) fn latest_consent(&self, id: &str, purpose: &str) -> Result<Option<bool>> {
-        let mut latest = None;
-        for v in self.store.consents.scan_prefix(consent_prefix(id)).values() {
-            let r: Value = serde_json::from_slice(&v?).map_err(|_| VaultError::internal("corrupt consent"))?;
-            if r["purpose"] == purpose {
-                latest = r["granted"].as_bool();
+    /// A subject's consent records, oldest first. A record that fails its
+    /// MAC (forged or altered on disk) is left out and reported: absent
+    /// consent is no consent.
+    fn consent_records(&self, id: &str) -> Result<Vec<Value>> {
+        let mut out = vec![];
+        for kv in self.store.consents.scan_prefix(consent_prefix(id)) {
+            let (k, v) = kv?;
+            match self
+                .records
+                .open("consent", &k, &v)
+                .and_then(|b| serde_json::from_slice(b).ok())
+            {
+                Some(r) => out.push(r),
+                None => {
+                    tracing::error!(subject = %id, "a stored consent record fails its MAC: ignored (the data directory was altered)")
+                }
             }
         }
-        Ok(latest)
+        Ok(out)
+    }
+
+    pub(super) fn latest_consent(&self, id: &str, purpose: &str) -> Result<Option<bool>> {
+        Ok(self
+            .consent_records(id)?
+            .iter()
+            .rev()
+            .find(|r| r["purpose"] == purpose)
+            .and_then(|r| r["granted"].as_bool()))
     }
 
     pub async fn consents(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<Value> {
@@ -343,8 +403,7 @@ impl Vault {
         .await?;
         let mut history = vec![];
         let mut current = Map::new();
-        for v in self.store.consents.scan_prefix(consent_prefix(id)).values() {
-            let r: Value = serde_json::from_slice(&v?).map_err(|_| VaultError::internal("corrupt consent"))?;
+        for r in self.consent_records(id)? {
             let p = r["purpose"].as_str().unwrap_or_default().to_owned();
             current.insert(
                 p,
@@ -401,7 +460,10 @@ impl Vault {
         });
         let mut k = consent_prefix(id);
         k.extend_from_slice(&seq.to_be_bytes());
-        self.store.consents.insert(k, serde_json::to_vec(&rec).expect("json"))?;
+        let sealed = self
+            .records
+            .seal("consent", &k, &serde_json::to_vec(&rec).expect("json"));
+        self.store.consents.insert(k, sealed)?;
         self.touch(id)?;
         self.store.flusher.sync().await?;
         Ok(rec)

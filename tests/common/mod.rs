@@ -227,6 +227,16 @@ impl Server {
         r.body["token"].as_str().unwrap().to_string()
     }
 
+    /// Issues a token through the admin API; returns its text and its id.
+    pub async fn token_with_id(&self, caller: &str, purposes: &[&str], caps: &[&str]) -> (String, String) {
+        let r = self.issue(caller, purposes, caps, 3600).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        (
+            r.body["token"].as_str().unwrap().to_string(),
+            r.body["id"].as_str().unwrap().to_string(),
+        )
+    }
+
     pub async fn issue(&self, caller: &str, purposes: &[&str], caps: &[&str], ttl: u64) -> Resp {
         let body = json!({"caller": caller, "purposes": purposes, "capabilities": caps, "ttl_seconds": ttl});
         self.post("/v1/admin/tokens", &self.admin, None, body).await
@@ -268,6 +278,20 @@ pub fn walk(d: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
             walk(&p, out);
         } else if let Ok(b) = std::fs::read(&p) {
             out.push((p, b));
+        }
+    }
+}
+
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        let t = to.join(e.file_name());
+        if p.is_dir() {
+            copy_dir(&p, &t);
+        } else {
+            std::fs::copy(&p, &t).unwrap();
         }
     }
 }
