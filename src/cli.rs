@@ -255,6 +255,9 @@ fn open_keys(g: &Global, cfg: &Config, dev: bool) -> CliResult<Keyring> {
 }
 
 async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
+    if let Err(e) = crate::fsutil::forbid_core_dumps() {
+        tracing::warn!(error = %e, "could not turn core dumps off");
+    }
     let keyring = open_keys(g, &cfg, dev)?;
     if dev && devkeys::ensure_tls(&cfg.tls_cert_path(), &cfg.tls_key_path())? {
         tracing::info!(cert = %cfg.tls_cert_path().display(), "dev: created a self-signed certificate for localhost and 127.0.0.1");

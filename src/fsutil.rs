@@ -36,6 +36,24 @@ pub fn private_umask() {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
+/// The serving process writes no core dump and cannot be attached to by an
+/// unprivileged debugger: its memory holds keys and, briefly, plaintext.
+pub fn forbid_core_dumps() -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{setrlimit, Resource, Rlimit};
+        setrlimit(
+            Resource::Core,
+            Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        )?;
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
+    }
+    Ok(())
+}
+
 /// Replaces `path` with `bytes` atomically and durably: write a temporary
 /// file, fsync it, rename it over the target, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
