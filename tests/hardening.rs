@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const FIELDS_ALL: &[&str] = &["read", "write"];
+const READ_WRITE: &[&str] = &["read", "write"];
 
 async fn order_token(s: &Server) -> String {
     s.token(
@@ -247,7 +247,7 @@ async fn revocation_wins_over_a_concurrent_cache_fill() {
     // and caching it; the revocation lands inside that pause.
     let s = Arc::new(Server::start_with(None, vec![("PDVAULT_FAULT_TOKEN_FILL_PAUSE", "slow-fill:1500")]).await);
     let admin = s.admin.clone();
-    let (tok, tok_id) = s.token_with_id("slow-fill", &["order"], FIELDS_ALL).await;
+    let (tok, tok_id) = s.token_with_id("slow-fill", &["order"], READ_WRITE).await;
     let first = {
         let (s, tok) = (s.clone(), tok.clone());
         tokio::spawn(async move {
@@ -281,7 +281,7 @@ async fn revocation_wins_over_a_concurrent_cache_fill() {
 async fn restore_replays_revocations_and_keeps_uses() {
     let mut s = Server::start().await;
     let tok = order_token(&s).await;
-    let (shop, shop_id) = s.token_with_id("shop", &["order"], FIELDS_ALL).await;
+    let (shop, shop_id) = s.token_with_id("shop", &["order"], READ_WRITE).await;
     let id = s
         .create(&tok, json!({"given_name": "Aigerim", "phone": "87015550177"}))
         .await;
