@@ -17,6 +17,8 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::secmem::KeyPage;
+
 /// Length of an AES-GCM nonce, in bytes (96 bits).
 pub const NONCE_LEN: usize = 12;
 /// Length of an AES-GCM tag, in bytes.
@@ -37,16 +39,43 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
+/// Where a secret lives: on the heap (short-lived: a request's data key), or
+/// on a key page of its own, out of core dumps and swap (long-lived: the
+/// keyring's keys). Either way behind a pointer, so a move copies no secret.
+enum Held<T> {
+    Heap(Box<T>),
+    Page(KeyPage<T>),
+}
+
+impl<T> std::ops::Deref for Held<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Held::Heap(b) => b,
+            Held::Page(p) => p,
+        }
+    }
+}
+
+impl<T> std::ops::DerefMut for Held<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        match self {
+            Held::Heap(b) => b,
+            Held::Page(p) => p,
+        }
+    }
+}
+
 /// A 256-bit symmetric key (a subject's data key, a KEK, an unseal key).
 /// Wiped on drop; cannot be printed. Boxed, so that moving the key moves a
 /// pointer and leaves no copy of its bytes behind.
-pub struct SecretKey(Box<Zeroizing<[u8; 32]>>);
+pub struct SecretKey(Held<Zeroizing<[u8; 32]>>);
 
 impl SecretKey {
     pub fn generate() -> Self {
         let mut k = Box::new(Zeroizing::new([0u8; 32]));
         OsRng.fill_bytes(k.as_mut().as_mut());
-        SecretKey(k)
+        SecretKey(Held::Heap(k))
     }
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
         if bytes.len() != 32 {
@@ -54,7 +83,14 @@ impl SecretKey {
         }
         let mut k = Box::new(Zeroizing::new([0u8; 32]));
         k.copy_from_slice(bytes);
-        Ok(SecretKey(k))
+        Ok(SecretKey(Held::Heap(k)))
+    }
+    /// The same key moved onto a key page (`secmem`): for keys that live as
+    /// long as the process. The heap copy is wiped as it is dropped.
+    pub fn pinned(self) -> Self {
+        let mut page = KeyPage::new(Zeroizing::new([0u8; 32]));
+        page.copy_from_slice(self.expose_secret().as_slice());
+        SecretKey(Held::Page(page))
     }
     /// The raw key bytes: only for wrapping and key derivation.
     pub fn expose_secret(&self) -> &[u8; 32] {
@@ -64,6 +100,10 @@ impl SecretKey {
     pub fn aead(&self) -> Aead256 {
         Aead256::new(self.expose_secret())
     }
+    /// An AES-256-GCM cipher whose key schedule lives on a key page.
+    pub fn aead_pinned(&self) -> Aead256 {
+        Aead256(Held::Page(KeyPage::new(Aes256Gcm::new(self.expose_secret().into()))))
+    }
 }
 
 /// A subject's data key (DEK): seals that subject's fields.
@@ -72,11 +112,11 @@ pub type DataKey = SecretKey;
 /// AES-256-GCM with 96-bit nonces and 128-bit tags, the one AEAD of the vault.
 /// Its key schedule (the `aes` and `ghash` crates built with `zeroize`) is
 /// wiped on drop, and boxed so that it is never copied by a move.
-pub struct Aead256(Box<Aes256Gcm>);
+pub struct Aead256(Held<Aes256Gcm>);
 
 impl Aead256 {
     pub fn new(key: &[u8; 32]) -> Self {
-        Aead256(Box::new(Aes256Gcm::new(key.into())))
+        Aead256(Held::Heap(Box::new(Aes256Gcm::new(key.into()))))
     }
 
     /// Seals under a fresh random nonce; output is `nonce || ciphertext || tag`.
@@ -198,7 +238,7 @@ impl RecordMac {
     pub const LEN: usize = 32;
 
     pub fn new(key: SecretKey) -> Self {
-        RecordMac(key)
+        RecordMac(key.pinned())
     }
 
     fn tag(&self, label: &str, key: &[u8], body: &[u8]) -> [u8; 32] {
@@ -226,16 +266,17 @@ impl RecordMac {
     }
 }
 
-/// The Ed25519 key that signs erasure receipts and audit checkpoints.
-pub struct ReceiptKey(ed25519_dalek::SigningKey);
+/// The Ed25519 key that signs erasure receipts and audit checkpoints; on a
+/// key page, as it lives as long as the process.
+pub struct ReceiptKey(KeyPage<ed25519_dalek::SigningKey>);
 
 impl ReceiptKey {
     pub fn generate() -> Self {
-        ReceiptKey(ed25519_dalek::SigningKey::generate(&mut OsRng))
+        ReceiptKey(KeyPage::new(ed25519_dalek::SigningKey::generate(&mut OsRng)))
     }
     pub fn from_seed(seed: &[u8]) -> Result<Self, CryptoError> {
         let seed: [u8; 32] = seed.try_into().map_err(|_| CryptoError::Malformed)?;
-        let k = ReceiptKey(ed25519_dalek::SigningKey::from_bytes(&seed));
+        let k = ReceiptKey(KeyPage::new(ed25519_dalek::SigningKey::from_bytes(&seed)));
         let mut seed = seed;
         seed.zeroize();
         Ok(k)

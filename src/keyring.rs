@@ -135,10 +135,10 @@ struct Derived {
 impl Derived {
     fn from_root(root: &SecretKey) -> Derived {
         Derived {
-            index: derive_key(root, "blind-index"),
-            pseudonym: derive_key(root, "pseudonym"),
-            token: derive_key(root, "token-hash"),
-            record_mac: derive_key(root, "record-mac"),
+            index: derive_key(root, "blind-index").pinned(),
+            pseudonym: derive_key(root, "pseudonym").pinned(),
+            token: derive_key(root, "token-hash").pinned(),
+            record_mac: derive_key(root, "record-mac").pinned(),
         }
     }
 }
@@ -165,7 +165,9 @@ fn derive_unseal(passphrase: &[u8], p: KdfParams, salt: &[u8]) -> Result<SecretK
     let mut out = Zeroizing::new([0u8; 32]);
     a.hash_password_into(passphrase, salt, out.as_mut())
         .map_err(|e| KeyringError::Kdf(e.to_string()))?;
-    SecretKey::from_bytes(out.as_ref()).map_err(|_| KeyringError::Kdf("length".into()))
+    SecretKey::from_bytes(out.as_ref())
+        .map(SecretKey::pinned)
+        .map_err(|_| KeyringError::Kdf("length".into()))
 }
 
 impl Keyring {
@@ -207,7 +209,7 @@ impl Keyring {
                 created_at: now,
                 retired_at: None,
                 sealed: sealed_kek,
-                kek: Arc::new(kek.aead()),
+                kek: Arc::new(kek.aead_pinned()),
             },
         );
         let kr = Keyring {
@@ -283,7 +285,7 @@ impl Keyring {
                     created_at: e.created_at,
                     retired_at: e.retired_at,
                     sealed,
-                    kek: Arc::new(kek.aead()),
+                    kek: Arc::new(kek.aead_pinned()),
                 },
             );
         }
@@ -459,7 +461,7 @@ impl Keyring {
                 created_at: now,
                 retired_at: None,
                 sealed,
-                kek: Arc::new(kek.aead()),
+                kek: Arc::new(kek.aead_pinned()),
             },
         );
         next.current = target;

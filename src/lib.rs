@@ -3,6 +3,9 @@
 //! `vault` is the core (no HTTP in it); `http` is a thin adapter over it and
 //! `cli` the operator's front end. The key hierarchy is in `keyring` (KEK
 //! epochs), `storage` (wrapped data keys, ciphertexts) and `crypto`.
+//! `unsafe` code is denied everywhere but in `secmem` (key pages).
+
+#![deny(unsafe_code)]
 
 pub mod audit;
 pub mod cli;
@@ -22,6 +25,7 @@ pub mod ratelimit;
 pub mod receipt;
 pub mod release;
 pub mod scheduler;
+pub mod secmem;
 pub mod storage;
 pub mod tokens;
 pub mod vault;

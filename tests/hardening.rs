@@ -844,6 +844,29 @@ async fn no_store_problem_json_private_files_and_a_valid_dev_certificate() {
         let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
         let nums: Vec<&str> = core.split_whitespace().skip(4).take(2).collect();
         assert_eq!(nums, ["0", "0"], "{core}");
+
+        // Item 17: the keyring's keys live on pages that even a root `gcore`
+        // leaves out (VmFlags `dd`): the unseal key, four derived keys, the
+        // record-MAC key, the receipt key and the first epoch's KEK.
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+        let dontdump = smaps
+            .lines()
+            .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "dd"))
+            .count();
+        assert!(dontdump >= 1, "no page of the server is excluded from core dumps");
+        let dd_bytes: usize = smaps
+            .split("\nVmFlags:")
+            .zip(smaps.lines().filter(|l| l.starts_with("VmFlags:")))
+            .filter(|(_, flags)| flags.split_whitespace().any(|f| f == "dd"))
+            .map(|(block, _)| {
+                let size = block.lines().find(|l| l.starts_with("Size:")).unwrap();
+                size.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap()
+            })
+            .sum();
+        assert!(
+            dd_bytes >= 8 * 4,
+            "only {dd_bytes} KiB of key pages excluded from dumps"
+        );
     }
 
     let pem = std::fs::read(s.keys_dir().join("tls-cert.pem")).unwrap();

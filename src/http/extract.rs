@@ -135,7 +135,11 @@ pub async fn read_capped(body: Body, limit: usize) -> Result<Zeroizing<Vec<u8>>,
     const DRAIN_MAX: usize = 16 << 20;
     let mut body = body;
     // The body holds personal values: our copy is wiped when dropped.
-    let mut buf = Zeroizing::new(Vec::new());
+    // Sized from Content-Length (up to the cap) so that it never grows: a
+    // growing Vec leaves its old block behind (the zeroizing allocator wipes
+    // it, but one copy is better than two).
+    let hint = axum::body::HttpBody::size_hint(&body).lower().min(limit as u64) as usize;
+    let mut buf = Zeroizing::new(Vec::with_capacity(hint));
     let mut total = 0usize;
     let too_large = ApiError(VaultError::PayloadTooLarge { limit });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

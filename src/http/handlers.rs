@@ -32,7 +32,10 @@ fn etag(version: u64) -> HeaderValue {
 
 /// Serialises released fields into a buffer that is wiped once sent.
 fn released_body(items: &[&Released]) -> Zeroizing<Vec<u8>> {
-    let mut buf = Zeroizing::new(Vec::with_capacity(256));
+    // Sized for the usual subject up front, so that growing seldom copies
+    // plaintext (and where it does, the zeroizing allocator wipes the block
+    // left behind).
+    let mut buf = Zeroizing::new(Vec::with_capacity(64 + 768 * items.len()));
     for r in items {
         write_released(&mut buf, r);
     }
