@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Open connections allowed from one address; past it, new ones are closed.
     pub max_connections_per_ip: usize,
+    /// The address users' browsers reach the vault at, for self-service
+    /// links (`https://host:port`); default: the Host the link was asked at.
+    pub public_url: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +88,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections_per_ip: 256,
+            public_url: None,
         }
     }
 }

@@ -100,6 +100,10 @@ pub struct GrantScope {
     pub subjects: Vec<String>,
     pub fields: Vec<String>,
     pub max_uses: Option<u64>,
+    /// A self-service session (the subject's own page): may also erase its
+    /// subject, and do nothing that is not about that subject.
+    #[serde(default)]
+    pub self_service: bool,
 }
 
 /// The token as the decision sees it.
@@ -187,6 +191,26 @@ impl Policy {
             return Err(VaultError::TokenExpired);
         }
 
+        // A self-service session acts on its one subject and nothing else
+        // (no create, lookup, grant or admin), and may erase that subject
+        // (the user's own right, policy 4.2.1) under `subject_access`.
+        let session = token.grant.is_some_and(|g| g.self_service);
+        let own_subject = matches!(
+            req.action,
+            Action::Read
+                | Action::Write
+                | Action::Erase
+                | Action::ConsentRead
+                | Action::ConsentWrite
+                | Action::AccessLog
+        );
+        if session && !own_subject {
+            return Err(VaultError::CapabilityMissing(
+                "a self-service session acts on its own subject only".into(),
+            ));
+        }
+        let self_erase = session && req.action == Action::Erase;
+
         // Calls made with `admin` or `audit` alone need no purpose.
         let has = |c: Capability| token.capabilities.contains(&c);
         if req.action == Action::Admin {
@@ -217,7 +241,7 @@ impl Policy {
                 )))
             }
         };
-        if !purpose_permits(purpose, req.action) {
+        if !purpose_permits(purpose, req.action) && !self_erase {
             return Err(VaultError::PurposeNotAllowed(format!(
                 "purpose {pname} does not permit {}",
                 req.action.as_str()
@@ -227,7 +251,7 @@ impl Policy {
         // 3. the capability
         let cap = capability_for(req.action);
         let via_audit = req.action == Action::AccessLog && has(Capability::Audit);
-        if !(has(cap) || via_audit) {
+        if !(has(cap) || via_audit || self_erase) {
             return Err(VaultError::CapabilityMissing(format!(
                 "this call needs the {} capability",
                 cap.as_str()

@@ -171,6 +171,7 @@ fn refusal_codes_in_api_order() {
         subjects: vec!["s1".into()],
         fields: surname.clone(),
         max_uses: Some(2),
+        self_service: false,
     });
     t.uses = 2;
     assert_eq!(
@@ -263,6 +264,7 @@ fn refusal_codes_in_api_order() {
         subjects: vec!["s1".into()],
         fields: vec!["address".into()],
         max_uses: None,
+        self_service: false,
     });
     let mut other = req("delivery", Action::Read, LIVE, FieldsAsked::Default);
     other.subject_id = Some("s2");

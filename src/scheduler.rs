@@ -35,6 +35,9 @@ pub fn spawn(vault: Arc<Vault>, tick: Duration) -> tokio::task::JoinHandle<()> {
             if let Err(e) = vault.destroy_expired_epochs() {
                 tracing::error!(error = %e, "could not destroy expired epochs");
             }
+            if let Err(e) = vault.sweep_self_codes(now) {
+                tracing::error!(error = %e, "could not drop expired self-service codes");
+            }
             if let Some(after) = cfg.retention.inactive_after {
                 if now >= last_sweep + cfg.retention.sweep_every.as_secs() {
                     last_sweep = now;

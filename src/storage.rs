@@ -149,6 +149,8 @@ pub struct Store {
     pub activity: sled::Tree,
     pub access: sled::Tree,
     pub meta: sled::Tree,
+    /// Self-service link codes (minutes-long, single use): not in backups.
+    pub self_codes: sled::Tree,
     pub flusher: Flusher,
 }
 
@@ -180,6 +182,7 @@ impl Store {
             activity: t("activity")?,
             access: t("access")?,
             meta: t("meta")?,
+            self_codes: t("self_codes")?,
             flusher: Flusher::spawn("data", move || sled_flush(&flush_db)),
             db,
         })

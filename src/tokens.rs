@@ -32,7 +32,7 @@ use zeroize::Zeroizing;
 pub struct TokenSecret(Zeroizing<String>);
 
 impl TokenSecret {
-    fn generate() -> Self {
+    pub fn generate() -> Self {
         TokenSecret(Zeroizing::new(format!("pdv_{}", B64URL.encode(random_bytes::<32>()))))
     }
     pub fn from_text(s: &str) -> Self {
@@ -365,5 +365,61 @@ impl Tokens {
         Ok(self
             .lookup(store, keystore, text)?
             .is_some_and(|a| !a.revoked && a.expires_at > now))
+    }
+}
+
+/// A self-service link's code, as stored: single use, short-lived.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelfCode {
+    pub subject: String,
+    pub expires_at: u64,
+    /// The token that made the link: the session is its child, so revoking
+    /// the shop's token ends the sessions it opened.
+    pub parent: String,
+}
+
+impl Tokens {
+    fn code_key(&self, text: &str) -> [u8; 32] {
+        hmac_parts(self.key.expose_secret(), &[b"pdvault-self-code-v1", text.as_bytes()])
+    }
+
+    /// Stores a code under a keyed hash of its text (never the text), MACed
+    /// like a token record. The caller flushes.
+    pub fn put_code(&self, store: &Store, text: &str, code: &SelfCode) -> Result<()> {
+        let key = self.code_key(text);
+        let json = serde_json::to_vec(code).expect("json");
+        store.self_codes.insert(key, self.mac.seal("self-code", &key, &json))?;
+        Ok(())
+    }
+
+    /// Takes a code out (at most once: sled's remove is atomic), if it is
+    /// known, authentic and unexpired. The caller flushes before using it.
+    pub fn take_code(&self, store: &Store, text: &str, now: u64) -> Result<Option<SelfCode>> {
+        let key = self.code_key(text);
+        let Some(stored) = store.self_codes.remove(key)? else {
+            return Ok(None);
+        };
+        let code = self
+            .mac
+            .open("self-code", &key, &stored)
+            .and_then(|json| serde_json::from_slice::<SelfCode>(json).ok());
+        Ok(code.filter(|c| now < c.expires_at))
+    }
+
+    /// Drops expired codes (the scheduler's sweep).
+    pub fn sweep_codes(&self, store: &Store, now: u64) -> Result<usize> {
+        let mut n = 0;
+        for kv in store.self_codes.iter() {
+            let (k, v) = kv?;
+            let live = <[u8; 32]>::try_from(k.as_ref()).ok().and_then(|key| {
+                let json = self.mac.open("self-code", &key, &v)?;
+                serde_json::from_slice::<SelfCode>(json).ok()
+            });
+            if live.is_none_or(|c| now >= c.expires_at) {
+                store.self_codes.remove(k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 }

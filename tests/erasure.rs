@@ -490,49 +490,6 @@ async fn erase_answers_receipt_then_every_call_is_410() {
 
 // ----- 3. receipt signature ---------------------------------------------------------------
 
-/// Canonical JSON, written here independently of the crate: object keys
-/// sorted by their UTF-8 bytes, no white space, serde_json's escaping of
-/// strings and numbers.
-fn canon(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(m) => {
-            let mut ks: Vec<&String> = m.keys().collect();
-            ks.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-            out.push('{');
-            for (i, k) in ks.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&serde_json::to_string(k).unwrap());
-                out.push(':');
-                canon(&m[k.as_str()], out);
-            }
-            out.push('}');
-        }
-        Value::Array(a) => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canon(x, out);
-            }
-            out.push(']');
-        }
-        x => out.push_str(&serde_json::to_string(x).unwrap()),
-    }
-}
-
-fn verify(pk: &[u8; 32], msg: &[u8], sig: &[u8]) -> bool {
-    let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(pk) else {
-        return false;
-    };
-    let Ok(sig) = ed25519_dalek::Signature::from_slice(sig) else {
-        return false;
-    };
-    vk.verify_strict(msg, &sig).is_ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipt_verifies_with_public_key_alone() {
     let s = Server::start().await;

@@ -585,15 +585,7 @@ async fn token_issue_revoke_and_grant_entries_name_the_token() {
         )
         .await;
     let grant_id = gr.body["id"].as_str().unwrap().to_string();
-    let rv = s
-        .call(
-            Method::DELETE,
-            &format!("/v1/admin/tokens/{tok_id}"),
-            &s.admin,
-            None,
-            None,
-        )
-        .await;
+    let rv = s.revoke(&tok_id).await;
     assert_eq!(rv.status, 200);
     let lines = audit_lines(&s);
     let find = |action: &str| {

@@ -228,3 +228,21 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for BatchBody<T> {
         parse_json(&bytes).map(BatchBody)
     }
 }
+
+/// A call that carries no token (the self-service code exchange): its
+/// context, and the peer for the failure limiter.
+pub struct Anonymous {
+    pub ctx: Ctx,
+    pub peer: Option<IpAddr>,
+}
+
+impl FromRequestParts<Arc<AppState>> for Anonymous {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        Ok(Anonymous {
+            ctx: context(parts)?,
+            peer: parts.extensions.get::<ConnInfo>().map(|c| c.peer),
+        })
+    }
+}

@@ -1,7 +1,7 @@
 //! Route handlers: extract, call the core, shape the answer. No policy, no
 //! crypto and no storage here.
 
-use super::extract::{BatchBody, Caller, JsonBody};
+use super::extract::{Anonymous, BatchBody, Caller, JsonBody};
 use super::problem::{problem_json, status_of, ApiError};
 use super::AppState;
 use crate::error::VaultError;
@@ -317,6 +317,69 @@ fn token_answer(rec: &crate::tokens::TokenRecord, secret: &crate::tokens::TokenS
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// `POST /v1/subjects/{id}/self-service-links`: the shop's backend, after
+/// signing its user in, asks for a link to the vault's own page.
+pub async fn self_service_link(State(st): S, c: Caller, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    let link = st.vault.self_service_link(&c.ctx, &c.auth, &id).await?;
+    let base = match &st.vault.cfg.server.public_url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .filter(|h| h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
+                .map(str::to_owned)
+                .unwrap_or_else(|| st.vault.cfg.server.listen.clone());
+            format!("https://{host}")
+        }
+    };
+    let code = link.code.expose();
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({
+            "url": format!("{base}/self/#code={code}"),
+            "code": code,
+            "expires_at": crate::fsutil::rfc3339(link.expires_at),
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionBody {
+    code: String,
+}
+
+/// `POST /v1/self/session`: the page exchanges the link's code for a
+/// session token of that one subject.
+pub async fn self_session(State(st): S, a: Anonymous, JsonBody(b): JsonBody<SessionBody>) -> ApiResult {
+    match st.vault.self_service_session(&a.ctx, &b.code).await {
+        Ok((rec, secret)) => {
+            if let Some(p) = a.peer {
+                st.limiter.success(p);
+            }
+            let subject = rec.grant.as_ref().and_then(|g| g.subjects.first()).cloned();
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({
+                    "token": secret.expose(),
+                    "expires_at": crate::fsutil::rfc3339(rec.expires_at),
+                    "subject": subject,
+                }),
+            ))
+        }
+        Err(e) => {
+            if let (Some(p), VaultError::TokenInvalid) = (a.peer, &e) {
+                let delay = st.limiter.failure(p);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay.min(std::time::Duration::from_secs(2))).await;
+                }
+            }
+            Err(ApiError(e))
+        }
+    }
 }
 
 pub async fn mint_grant(State(st): S, c: Caller, JsonBody(b): JsonBody<GrantBody>) -> ApiResult {

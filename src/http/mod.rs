@@ -5,6 +5,7 @@
 pub mod extract;
 pub mod handlers;
 pub mod problem;
+pub mod selfpage;
 pub mod server;
 
 use crate::ratelimit::RateLimiter;
@@ -53,6 +54,11 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     };
     resp.headers_mut()
         .insert("x-request-id", HeaderValue::from_str(&id).expect("validated ascii"));
+    // No answer is to be sniffed into another type or to leak its URL.
+    resp.headers_mut()
+        .insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    resp.headers_mut()
+        .insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     // Nothing the vault answers may be kept by a cache (most answers carry
     // personal data, a token or a decision): the rule is written once, here.
     if !resp.headers().contains_key(axum::http::header::CACHE_CONTROL) {
@@ -111,6 +117,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/admin/rotate-kek", post(rotate_kek))
         .route("/v1/admin/backup", get(backup))
+        .route("/v1/subjects/{id}/self-service-links", post(self_service_link))
+        .route("/v1/self/session", post(self_session))
+        .route("/self", get(selfpage::redirect))
+        .route("/self/", get(selfpage::index))
+        .route("/self/{*path}", get(selfpage::asset))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -146,6 +157,9 @@ mod tests {
             ("/v1/admin/rotate-kek", "post"),
             ("/v1/admin/backup", "get"),
             ("/metrics", "get"),
+            ("/v1/subjects/{id}/self-service-links", "post"),
+            ("/v1/self/session", "post"),
+            ("/self/", "get"),
         ];
         for (path, method) in routes {
             assert!(
@@ -153,6 +167,6 @@ mod tests {
                 "{method} {path} missing from openapi.json"
             );
         }
-        assert_eq!(doc["paths"].as_object().unwrap().len(), 17);
+        assert_eq!(doc["paths"].as_object().unwrap().len(), 20);
     }
 }

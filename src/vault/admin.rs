@@ -188,6 +188,7 @@ impl Vault {
                     subjects: g.subjects,
                     fields,
                     max_uses: g.max_uses,
+                    self_service: false,
                 }),
             },
             now_secs(),

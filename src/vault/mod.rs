@@ -10,7 +10,8 @@
 //! This file holds the types, opening, the decision and audit plumbing and the
 //! key/field helpers; `subjects` (create, read, edit, lookup, consents, access
 //! log), `erasure` (shred, retention, ledger replay, restore) and `admin`
-//! (tokens, grants, rotation, backup) add the operations.
+//! (tokens, grants, rotation, backup) and `selfservice` (links and sessions
+//! of the subject's own page) add the operations.
 
 use crate::audit::{AuditLog, Draft};
 use crate::config::Config;
@@ -180,6 +181,7 @@ type Normalized = Vec<(String, Plaintext)>;
 
 mod admin;
 mod erasure;
+mod selfservice;
 mod subjects;
 
 pub use admin::cert_matches;

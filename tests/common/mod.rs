@@ -242,6 +242,18 @@ impl Server {
         self.post("/v1/admin/tokens", &self.admin, None, body).await
     }
 
+    /// Revokes a token through the admin API.
+    pub async fn revoke(&self, token_id: &str) -> Resp {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/admin/tokens/{token_id}"),
+            &self.admin,
+            None,
+            None,
+        )
+        .await
+    }
+
     /// Creates a subject under `order`; returns its id.
     pub async fn create(&self, token: &str, fields: Value) -> String {
         let r = self
@@ -344,4 +356,62 @@ pub fn full_subject() -> Value {
         "email": "aigerim.k@example.kz",
         "address": {"country": "KZ", "region": "Almaty Region", "city": "Almaty", "street": "Abai Ave", "building": "10", "apartment": "5", "postal_code": "050000"}
     })
+}
+
+/// Canonical JSON, written here independently of the crate: object keys
+/// sorted by their UTF-8 bytes, no white space, serde_json's escaping of
+/// strings and numbers.
+pub fn canon(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut ks: Vec<&String> = m.keys().collect();
+            ks.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            out.push('{');
+            for (i, k) in ks.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::to_string(k).unwrap());
+                out.push(':');
+                canon(&m[k.as_str()], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canon(x, out);
+            }
+            out.push(']');
+        }
+        x => out.push_str(&serde_json::to_string(x).unwrap()),
+    }
+}
+
+pub fn verify(pk: &[u8; 32], msg: &[u8], sig: &[u8]) -> bool {
+    let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(pk) else {
+        return false;
+    };
+    let Ok(sig) = ed25519_dalek::Signature::from_slice(sig) else {
+        return false;
+    };
+    vk.verify_strict(msg, &sig).is_ok()
+}
+
+/// An erasure answer's signature checks out under the vault's public key.
+pub async fn receipt_verifies(s: &Server, receipt: &Value, signature: &str) -> bool {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pk = s.get("/v1/receipts/public-key", "", None).await;
+    let pk: [u8; 32] = b64
+        .decode(pk.body["public_key"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let mut msg = String::new();
+    canon(receipt, &mut msg);
+    verify(&pk, msg.as_bytes(), &b64.decode(signature).unwrap())
 }
