@@ -87,6 +87,11 @@ async fn a_link_needs_grant_under_subject_access_and_a_live_subject() {
         r.text
     );
 
+    // Without X-Purpose, a link is made under subject_access.
+    let r = s
+        .post(&format!("/v1/subjects/{id}/self-service-links"), &tok, None, json!({}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
     let r = link(&s, &tok, &id).await;
     assert_eq!(r.status, 201, "{}", r.text);
     let code = r.body["code"].as_str().unwrap();
@@ -96,6 +101,26 @@ async fn a_link_needs_grant_under_subject_access_and_a_live_subject() {
     let left = exp.duration_since(std::time::SystemTime::now()).unwrap().as_secs();
     assert!((14 * 60..=15 * 60).contains(&left), "{left} s");
     assert_eq!(r.headers["cache-control"], "no-store");
+
+    // An erased subject has no page.
+    let er = s.token("deletion-workflow", &["erasure"], &["erase"]).await;
+    let r = s
+        .call(
+            Method::DELETE,
+            &format!("/v1/subjects/{id}"),
+            &er,
+            Some("erasure"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = link(&s, &tok, &id).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["code"].as_str()),
+        (410, Some("subject_erased")),
+        "{}",
+        r.text
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,12 @@ pub struct SelfLink {
 impl Vault {
     /// `POST /v1/subjects/{id}/self-service-links`: needs `grant` under
     /// `subject_access`, on a live subject.
+    /// A call without X-Purpose acts under `subject_access`, the one purpose
+    /// a link can be made under; any other purpose is refused.
     pub async fn self_service_link(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<SelfLink> {
+        let mut ctx = ctx.clone();
+        ctx.purpose.get_or_insert_with(|| SUBJECT_ACCESS.into());
+        let ctx = &ctx;
         let (state, _) = self.subject_state(id, ctx.purpose.as_deref())?;
         if ctx.purpose.as_deref() != Some(SUBJECT_ACCESS) {
             let e = VaultError::PurposeNotAllowed("self-service links are made under subject_access".into());
