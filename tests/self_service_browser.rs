@@ -271,6 +271,12 @@ async fn the_user_sees_corrects_downloads_and_erases_their_data() {
     assert_eq!(b.text("value-surname").await, XSS);
     assert_eq!(b.js("return document.querySelectorAll('img').length").await, json!(0));
     assert_eq!(b.js("return document.documentElement.lang").await, json!("ru"));
+    // Every control has a label (or an accessible name).
+    let unlabelled = b
+        .js("return [...document.querySelectorAll('input,select,textarea')]\
+             .filter(e => e.labels.length === 0 && !e.getAttribute('aria-label')).map(e => e.id)")
+        .await;
+    assert_eq!(unlabelled, json!([]), "controls without a label");
     assert!(b.text("value-phone").await.contains("+77015550177"));
     assert!(b.text("value-address").await.contains("Almaty"));
 
@@ -288,6 +294,7 @@ async fn the_user_sees_corrects_downloads_and_erases_their_data() {
     b.click("save-phone").await;
     let err = b.until_text("error-phone", |t| !t.is_empty()).await;
     assert!(err.contains("Телефон"), "{err}");
+    assert!(!err.contains("phone number"), "the reason is not in Russian: {err}");
     let api = s.get(&format!("/v1/subjects/{id}"), &order, Some("order")).await;
     assert_eq!(api.body["fields"]["phone"], "+77015550177");
     b.screenshot("self-service-refusal").await;

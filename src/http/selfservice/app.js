@@ -126,6 +126,42 @@
     return n;
   }
 
+  // The server's 422 reasons (src/fields.rs) are short English texts; these
+  // map each one to a catalogue key. Anything unrecognised returns null and
+  // the English reason is shown as before.
+  const REASONS = [
+    [/^contains a control character$/, () => t("reason_control_character")],
+    [/^must be 1 to (\d+) characters$/, (m) => t("reason_length_range", { n: m[1] })],
+    [/^contains a character not allowed in a phone number$/, () => t("reason_phone_character")],
+    [/^is not a valid phone number$/, () => t("reason_invalid_phone")],
+    [/^is not a valid email address$/, () => t("reason_invalid_email")],
+    [/^must be at most (\d+) characters$/, (m) => t("reason_max_length", { n: m[1] })],
+    [/^must be a string$/, () => t("reason_must_be_string")],
+    [/^must be an object$/, () => t("reason_must_be_object")],
+    [/^address needs at least a region, city, street or postal_code$/, () => t("reason_address_needs_locating")],
+    [/^unknown address key: ([a-z0-9_]+)$/, (m) => t("reason_unknown_address_key_named", { key: m[1] })],
+    [/^unknown address key$/, () => t("reason_unknown_address_key")],
+    [/^country is not an ISO 3166-1 alpha-2 code$/, () => t("reason_country_code")],
+    [/^postal_code must be 3 to 10 letters, digits, spaces or hyphens$/, () => t("reason_postal_code")],
+  ];
+  const ADDRESS_PART_REASON = new RegExp(`^(${ADDRESS_KEYS.join("|")}) (.+)$`);
+
+  // Localised text for a server reason, or null when it is not recognised.
+  function localReason(reason) {
+    const r = String(reason);
+    for (const [re, fn] of REASONS) {
+      const m = re.exec(r);
+      if (m) return fn(m);
+    }
+    // "{key} {text reason}" for one part of an address.
+    const m = ADDRESS_PART_REASON.exec(r);
+    if (m && has(`addr_${m[1]}`)) {
+      const inner = localReason(m[2]);
+      if (inner !== null) return t("reason_address_part", { part: t(`addr_${m[1]}`), reason: inner });
+    }
+    return null;
+  }
+
   function purposeLabel(p) {
     const name = has(`purpose_${p}`) ? t(`purpose_${p}`) : String(p || "");
     const clause = CLAUSES[p];
@@ -476,7 +512,7 @@
         const reason = p.reason ? String(p.reason) : "";
         const target = ALL_FIELDS.includes(name.split(/[./]/)[0]) ? name.split(/[./]/)[0] : f;
         say(`error-${target}`, () => reason
-          ? t("error_field_reason", { field: fieldLabel(name), reason })
+          ? t("error_field_reason", { field: fieldLabel(name), reason: localReason(reason) ?? reason })
           : t("error_field", { field: fieldLabel(name) }));
       } else if (e.status === 412) {
         say(`error-${f}`, () => t("error_conflict"));
