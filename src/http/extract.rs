@@ -118,10 +118,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                     state.vault.metrics.rate_limited.inc();
                 }
                 if let (Some(p), VaultError::TokenInvalid, true) = (peer, &e, had_bearer) {
-                    let delay = state.limiter.failure(p);
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay.min(Duration::from_secs(2))).await;
-                    }
+                    slow_down_failure(state, p).await;
                 }
                 Err(ApiError(e))
             }
@@ -226,6 +223,15 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for BatchBody<T> {
         let limit = state.vault.cfg.server.batch_body_limit;
         let bytes = read_capped(req.into_body(), limit).await?;
         parse_json(&bytes).map(BatchBody)
+    }
+}
+
+/// Counts a failed credential from `peer` and waits as the limiter says
+/// (at most 2 s): unknown tokens and unknown self-service codes alike.
+pub async fn slow_down_failure(state: &AppState, peer: IpAddr) {
+    let delay = state.limiter.failure(peer);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay.min(Duration::from_secs(2))).await;
     }
 }
 

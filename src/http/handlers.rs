@@ -372,10 +372,7 @@ pub async fn self_session(State(st): S, a: Anonymous, JsonBody(b): JsonBody<Sess
         }
         Err(e) => {
             if let (Some(p), VaultError::TokenInvalid) = (a.peer, &e) {
-                let delay = st.limiter.failure(p);
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay.min(std::time::Duration::from_secs(2))).await;
-                }
+                super::extract::slow_down_failure(&st, p).await;
             }
             Err(ApiError(e))
         }
