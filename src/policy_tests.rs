@@ -374,3 +374,51 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn a_self_service_session_erases_its_own_subject_and_does_nothing_beyond_it() {
+    let p = policy();
+    let scope = |self_service| GrantScope {
+        subjects: vec!["s1".into()],
+        fields: ALL.iter().map(|s| s.to_string()).collect(),
+        max_uses: None,
+        self_service,
+    };
+    let mut session = Tok::new(&["subject_access"], &[Capability::Read, Capability::Write]);
+    session.grant = Some(scope(true));
+    let erase = req("subject_access", Action::Erase, LIVE, FieldsAsked::Named(&[]));
+    assert!(p.decide(&session.view(), &erase).is_ok());
+    // Only its own subject.
+    let mut other = req("subject_access", Action::Erase, LIVE, FieldsAsked::Named(&[]));
+    other.subject_id = Some("s2");
+    assert_eq!(
+        p.decide(&session.view(), &other).unwrap_err().code(),
+        "subject_not_found"
+    );
+    // The same grant without the self-service mark may not erase.
+    let mut grant = Tok::new(&["subject_access"], &[Capability::Read, Capability::Write]);
+    grant.grant = Some(scope(false));
+    assert_eq!(
+        p.decide(&grant.view(), &erase).unwrap_err().code(),
+        "purpose_not_allowed"
+    );
+    // Nothing that is not about its subject, whatever the capabilities say.
+    for action in [Action::Create, Action::Lookup, Action::MintGrant, Action::Admin] {
+        let r = req("subject_access", action, LIVE, FieldsAsked::Named(&[]));
+        assert_eq!(
+            p.decide(&session.view(), &r).unwrap_err().code(),
+            "capability_missing",
+            "{action:?}"
+        );
+    }
+    for action in [
+        Action::Read,
+        Action::Write,
+        Action::ConsentRead,
+        Action::ConsentWrite,
+        Action::AccessLog,
+    ] {
+        let r = req("subject_access", action, LIVE, FieldsAsked::Default);
+        assert!(p.decide(&session.view(), &r).is_ok(), "{action:?}");
+    }
+}
