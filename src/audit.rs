@@ -392,6 +392,27 @@ pub fn access_page(
     Ok((out, None))
 }
 
+/// Who received a subject's data, from its access-log index: each caller
+/// and the names of the fields it was released.
+pub fn received_by(
+    access: &sled::Tree,
+    subject: &str,
+) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>> {
+    let mut p = subject.as_bytes().to_vec();
+    p.push(0);
+    let mut out: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    for v in access.scan_prefix(&p).values() {
+        let v = v?;
+        let r: AccessRecord = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt access index"))?;
+        if let Some(c) = r.caller {
+            out.entry(c.to_owned())
+                .or_default()
+                .extend(r.fields.iter().map(|f| f.to_string()));
+        }
+    }
+    Ok(out)
+}
+
 /// Removes a subject's access-log index (the audit log itself keeps its entries).
 pub fn forget_subject(access: &sled::Tree, subject: &str) -> Result<()> {
     let mut p = subject.as_bytes().to_vec();

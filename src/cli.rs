@@ -64,6 +64,9 @@ enum Command {
     Token(TokenCmd),
     /// Crypto-shred a subject; prints the signed receipt.
     Shred { id: String },
+    /// Events to subscribers: list what is undelivered, send a dead one again.
+    #[command(subcommand)]
+    Events(EventsCmd),
     /// Audit log: verify the hash chain, or export JSON lines.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -105,6 +108,21 @@ enum TokenCmd {
     Revoke {
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum EventsCmd {
+    /// Undelivered events, oldest first, with each subscriber's delivery state.
+    List {
+        /// Only deliveries still being tried.
+        #[arg(long, conflicts_with = "dead")]
+        pending: bool,
+        /// Only deliveries given up on (undelivered past events.dead_after).
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Send an event's dead deliveries again (ID as `events list` shows it).
+    Retry { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -209,6 +227,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Serve { dev } => serve(&g, cfg, dev).await,
         Command::Token(t) => token(&g, cfg, t).await,
         Command::Shred { id } => shred(&g, cfg, &id).await,
+        Command::Events(e) => events(&g, cfg, e).await,
         Command::RotateKek => rotate(&g, cfg).await,
         Command::Audit(a) => audit(cfg, a),
         Command::Backup { file } => backup(cfg, &file).await,
@@ -263,6 +282,9 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
         tracing::info!(cert = %cfg.tls_cert_path().display(), "dev: created a self-signed certificate for localhost and 127.0.0.1");
     }
     let tls = http::server::tls_config(&cfg)?;
+    // Every subscriber's secret and trust anchors are read before anything
+    // else is opened: a missing one stops the start, naming it.
+    let subscribers = crate::events::sender::load(&cfg.events)?;
     let vault = Arc::new(Vault::open_with(cfg.clone(), keyring)?);
     if dev {
         let path = cfg.keys.dir.join(ADMIN_TOKEN);
@@ -289,6 +311,7 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
         .min(cfg.audit.checkpoint_every)
         .max(std::time::Duration::from_secs(1));
     let sched = crate::scheduler::spawn(vault.clone(), tick);
+    let senders = crate::events::sender::spawn(vault.clone(), subscribers);
     let state = Arc::new(AppState {
         vault: vault.clone(),
         limiter: RateLimiter::new(cfg.limits.clone()),
@@ -298,6 +321,7 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
     eprintln!("pdvault: listening on https://{addr}");
     http::server::serve(listener, tls, app, &cfg, http::server::shutdown_signal()).await;
     sched.abort();
+    senders.iter().for_each(|s| s.abort());
     vault.store().flusher.sync().await.map_err(|e| e.to_string())?;
     // The final head is signed at shutdown.
     vault.audit_checkpoint().map_err(|e| format!("audit checkpoint: {e}"))?;
@@ -524,6 +548,67 @@ async fn token(g: &Global, cfg: Config, cmd: TokenCmd) -> CliResult {
         }
     }
     Ok(())
+}
+
+async fn events(g: &Global, cfg: Config, cmd: EventsCmd) -> CliResult {
+    let remote = remote(&cfg).await?;
+    let v = match cmd {
+        EventsCmd::List { pending, dead } => {
+            let state = if pending {
+                "pending"
+            } else if dead {
+                "dead"
+            } else {
+                "all"
+            };
+            match remote {
+                Some(r) => {
+                    r.call(
+                        reqwest::Method::GET,
+                        &format!("/v1/admin/events?state={state}"),
+                        None,
+                        None,
+                    )
+                    .await?
+                }
+                None => {
+                    let v = local(g, cfg)?;
+                    let filter = crate::events::Filter::parse(Some(state)).expect("known state");
+                    let list = v
+                        .list_events(&local_ctx(None), &Vault::local_operator(), filter)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    serde_json::json!({ "events": list })
+                }
+            }
+        }
+        EventsCmd::Retry { id } => match remote {
+            Some(r) => {
+                let path = format!("/v1/admin/events/{}/retry", urlencoding_path(&id));
+                r.call(reqwest::Method::POST, &path, None, None).await?
+            }
+            None => {
+                let v = local(g, cfg)?;
+                let n = v
+                    .retry_event(&local_ctx(None), &Vault::local_operator(), &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                serde_json::json!({"id": id, "requeued": n})
+            }
+        },
+    };
+    print_json(&v);
+    Ok(())
+}
+
+/// An id as one path segment (ids are `msg_` + hex; anything else is escaped).
+fn urlencoding_path(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn shred(g: &Global, cfg: Config, id: &str) -> CliResult {

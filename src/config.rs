@@ -216,6 +216,108 @@ impl Default for LimitsConfig {
     }
 }
 
+/// One system told of erasures, corrections and consent changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberConfig {
+    pub name: String,
+    /// HTTPS only.
+    pub url: String,
+    /// The Standard Webhooks signing secret (`whsec_` + base64), read at start.
+    pub secret_file: PathBuf,
+    /// Event types this subscriber receives.
+    pub events: Vec<String>,
+    /// Trust anchors for this subscriber's certificate; else the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Token callers that belong to this subscriber's system: whose releases
+    /// mean "this system holds a copy", and whose revoked grants it hears of.
+    /// Default: the subscriber's name.
+    #[serde(default)]
+    pub callers: Option<Vec<String>>,
+}
+
+impl SubscriberConfig {
+    pub fn callers(&self) -> Vec<String> {
+        self.callers.clone().unwrap_or_else(|| vec![self.name.clone()])
+    }
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.events.iter().any(|e| e == event_type)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    pub subscribers: Vec<SubscriberConfig>,
+    /// An event still undelivered this long after it was recorded (or
+    /// retried) is marked dead.
+    #[serde(deserialize_with = "de_duration")]
+    pub dead_after: Duration,
+    /// First retry delay; doubled on each failure up to `retry_max`, with jitter.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_min: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_max: Duration,
+    /// One delivery attempt's limit (connect, TLS, answer).
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            subscribers: vec![],
+            dead_after: Duration::from_secs(3 * 86400),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(600),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The event types a subscriber may ask for.
+pub const EVENT_TYPES: &[&str] = &[
+    "subject.erased",
+    "subject.rectified",
+    "consent.changed",
+    "grant.revoked",
+];
+
+fn check_events(e: &EventsConfig) -> Result<(), ConfigError> {
+    let bad = |m: String| Err(ConfigError::Invalid(m));
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &e.subscribers {
+        if !valid_name(&s.name.replace('-', "_")) || !seen.insert(s.name.as_str()) {
+            return bad(format!(
+                "events.subscribers: name {:?} must be unique and [a-z0-9_-]",
+                s.name
+            ));
+        }
+        match reqwest::Url::parse(&s.url) {
+            Ok(u) if u.scheme() == "https" && u.host().is_some() => {}
+            Ok(_) => return bad(format!("events.subscribers.{}: url must be https://", s.name)),
+            Err(err) => return bad(format!("events.subscribers.{}: url: {err}", s.name)),
+        }
+        if s.events.is_empty() {
+            return bad(format!("events.subscribers.{}: events is empty", s.name));
+        }
+        for t in &s.events {
+            if !EVENT_TYPES.contains(&t.as_str()) {
+                return bad(format!(
+                    "events.subscribers.{}: unknown event type {t:?} (known: {})",
+                    s.name,
+                    EVENT_TYPES.join(", ")
+                ));
+            }
+        }
+    }
+    if e.dead_after.is_zero() || e.retry_min.is_zero() || e.retry_min > e.retry_max || e.timeout.is_zero() {
+        return bad("events: dead_after, retry_min, timeout must be set, retry_min <= retry_max".into());
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyMeta {
@@ -282,6 +384,8 @@ struct FileConfig {
     grants: GrantsConfig,
     #[serde(default)]
     limits: LimitsConfig,
+    #[serde(default)]
+    events: EventsConfig,
     policy: PolicyMeta,
     fields: BTreeMap<String, FieldDecl>,
     purposes: BTreeMap<String, PurposeDecl>,
@@ -305,6 +409,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub grants: GrantsConfig,
     pub limits: LimitsConfig,
+    pub events: EventsConfig,
     pub policy: Policy,
 }
 
@@ -350,6 +455,7 @@ impl Config {
         if server.body_limit == 0 || server.batch_body_limit < server.body_limit {
             return Err(ConfigError::Invalid("server body limits are inconsistent".into()));
         }
+        check_events(&file.events)?;
         let policy = build_policy(file.policy, file.fields, file.purposes)?;
         Ok(Config {
             server,
@@ -359,6 +465,7 @@ impl Config {
             retention: file.retention,
             grants: file.grants,
             limits: file.limits,
+            events: file.events,
             policy,
         })
     }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod devkeys;
 pub mod error;
+pub mod events;
 pub mod faults;
 pub mod fields;
 pub mod fsutil;

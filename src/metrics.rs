@@ -1,9 +1,10 @@
 //! Prometheus metrics: releases and refusals by purpose, caller and outcome,
-//! and the latency of the audit log's durable append. Owns nothing else.
+//! the latency of the audit log's durable append, and event deliveries. Owns nothing else.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -16,8 +17,24 @@ pub struct DecisionLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub subscriber: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubscriberLabel {
+    pub subscriber: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Event delivery attempts by subscriber and outcome (delivered, failed,
+    /// unreachable, dead).
+    pub event_deliveries: Family<DeliveryLabels, Counter>,
+    pub events_pending: Family<SubscriberLabel, Gauge>,
+    pub events_oldest_pending_seconds: Family<SubscriberLabel, Gauge>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub audit_flush_seconds: Histogram,
     pub rate_limited: Counter,
@@ -49,8 +66,29 @@ impl Default for Metrics {
             "Requests refused for repeated bad tokens",
             rate_limited.clone(),
         );
+        let event_deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "event_deliveries",
+            "Event delivery attempts by subscriber and outcome",
+            event_deliveries.clone(),
+        );
+        let events_pending = Family::<SubscriberLabel, Gauge>::default();
+        registry.register(
+            "events_pending",
+            "Events recorded and not yet delivered, per subscriber",
+            events_pending.clone(),
+        );
+        let events_oldest_pending_seconds = Family::<SubscriberLabel, Gauge>::default();
+        registry.register(
+            "events_oldest_pending_seconds",
+            "Age of the oldest undelivered event, per subscriber (0 when none)",
+            events_oldest_pending_seconds.clone(),
+        );
         Metrics {
             registry,
+            event_deliveries,
+            events_pending,
+            events_oldest_pending_seconds,
             decisions,
             audit_flush_seconds,
             rate_limited,
@@ -59,6 +97,26 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn event_delivered(&self, subscriber: &str, outcome: &str) {
+        self.event_deliveries
+            .get_or_create(&DeliveryLabels {
+                subscriber: subscriber.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the queue gauges: (subscriber, pending, age of the oldest in seconds).
+    pub fn set_event_queues(&self, queues: &[(String, u64, u64)]) {
+        for (name, pending, age) in queues {
+            let l = SubscriberLabel {
+                subscriber: name.clone(),
+            };
+            self.events_pending.get_or_create(&l).set(*pending as i64);
+            self.events_oldest_pending_seconds.get_or_create(&l).set(*age as i64);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut s = String::new();
         prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("write to String");

@@ -12,6 +12,7 @@
 use crate::error::{Result, VaultError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use sled::Transactional;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::mpsc;
@@ -78,6 +79,25 @@ impl Flusher {
         rx.recv()
             .map_err(|_| VaultError::internal("flusher stopped"))?
             .map_err(flush_error)
+    }
+}
+
+/// A unit of work over the data trees, applied atomically by `Store::apply`
+/// (a change and the event that reports it land together).
+#[derive(Default)]
+pub struct Commit {
+    ops: std::collections::BTreeMap<&'static str, sled::Batch>,
+    /// Set by the vault when an event was staged: the sender is woken once
+    /// the commit is durable.
+    pub has_events: bool,
+}
+
+impl Commit {
+    pub fn insert(&mut self, tree: &'static str, k: impl AsRef<[u8]>, v: impl AsRef<[u8]>) {
+        self.ops.entry(tree).or_default().insert(k.as_ref(), v.as_ref());
+    }
+    pub fn remove(&mut self, tree: &'static str, k: impl AsRef<[u8]>) {
+        self.ops.entry(tree).or_default().remove(k.as_ref());
     }
 }
 
@@ -151,6 +171,11 @@ pub struct Store {
     pub meta: sled::Tree,
     /// Self-service link codes (minutes-long, single use): not in backups.
     pub self_codes: sled::Tree,
+    /// Events waiting to be delivered (`events`): not in backups, so a
+    /// restore never sends old news again.
+    pub outbox: sled::Tree,
+    /// Per-subscriber delivery state of the outbox's events.
+    pub deliveries: sled::Tree,
     pub flusher: Flusher,
 }
 
@@ -183,6 +208,8 @@ impl Store {
             access: t("access")?,
             meta: t("meta")?,
             self_codes: t("self_codes")?,
+            outbox: t("outbox")?,
+            deliveries: t("deliveries")?,
             flusher: Flusher::spawn("data", move || sled_flush(&flush_db)),
             db,
         })
@@ -201,6 +228,43 @@ impl Store {
             "meta" => &self.meta,
             _ => return None,
         })
+    }
+
+    /// A tree a `Commit` may write: the backed-up ones and the outbox's.
+    fn commit_tree(&self, name: &str) -> Option<&sled::Tree> {
+        match name {
+            "outbox" => Some(&self.outbox),
+            "deliveries" => Some(&self.deliveries),
+            n => self.tree(n),
+        }
+    }
+
+    /// Applies a unit of work in one transaction: after a crash all of it is
+    /// there or none. Durable once the flusher has run after it.
+    pub fn apply(&self, c: &Commit) -> Result<()> {
+        let names: Vec<&str> = c.ops.keys().copied().collect();
+        let trees: Vec<&sled::Tree> = names
+            .iter()
+            .map(|n| {
+                self.commit_tree(n)
+                    .ok_or_else(|| VaultError::internal(format!("no tree {n}")))
+            })
+            .collect::<Result<_>>()?;
+        if trees.is_empty() {
+            return Ok(());
+        }
+        trees
+            .as_slice()
+            .transaction(|txs| {
+                for (tx, name) in txs.iter().zip(&names) {
+                    tx.apply_batch(&c.ops[name])?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => VaultError::from(e),
+                sled::transaction::TransactionError::Abort(()) => VaultError::internal("transaction aborted"),
+            })
     }
 
     /// Next value of a persistent counter in `meta`.

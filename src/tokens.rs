@@ -20,7 +20,7 @@ use crate::crypto::{ct_eq, hmac_parts, random_bytes, RecordMac, SecretKey};
 use crate::error::{Result, VaultError};
 use crate::ledger::Ledger;
 use crate::policy::{Capability, GrantScope, TokenView};
-use crate::storage::{KeyStore, Store};
+use crate::storage::{Commit, KeyStore, Store};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -312,14 +312,16 @@ impl Tokens {
 
     /// Revokes at once: the ledger entry is durable and the revoked set holds
     /// the id before this returns, so no lookup after it accepts the token.
-    /// The caller flushes the data store.
+    /// The record's change goes into `c` (with `Some(true)` when there was
+    /// one); the caller applies and flushes it.
     pub fn revoke(
         &self,
         store: &Store,
         keys: &crate::keyring::Keyring,
         id: &str,
         now: u64,
-    ) -> Result<Option<TokenRecord>> {
+        c: &mut Commit,
+    ) -> Result<Option<(TokenRecord, bool)>> {
         let Some(mut rec) = self.load(store, id)? else {
             return Ok(None);
         };
@@ -329,9 +331,10 @@ impl Tokens {
             self.ledger.append(id, &note, &sig)?;
             self.revoked.write().expect("revoked set").insert(id.to_owned());
         }
-        if rec.revoked_at.is_none() {
+        let changed = rec.revoked_at.is_none();
+        if changed {
             rec.revoked_at = Some(now);
-            store.tokens.insert(id.as_bytes(), self.encode(&rec))?;
+            c.insert("tokens", id.as_bytes(), self.encode(&rec));
         }
         let mut cache = self.cache.write().expect("token cache");
         for v in cache.values_mut() {
@@ -339,12 +342,17 @@ impl Tokens {
                 *v = Arc::new(rec.clone());
             }
         }
-        Ok(Some(rec))
+        Ok(Some((rec, changed)))
     }
 
     /// Start and restore: marks every token the revocation ledger names as
-    /// revoked in the data store. Returns how many records it changed.
-    pub fn replay_revocations(&self, store: &Store) -> Result<usize> {
+    /// revoked in the data store, each change committed with what `also`
+    /// adds (its event). Returns how many records it changed.
+    pub fn replay_revocations(
+        &self,
+        store: &Store,
+        also: impl Fn(&mut Commit, &TokenRecord) -> Result<()>,
+    ) -> Result<usize> {
         let ids: Vec<String> = self.revoked.read().expect("revoked set").iter().cloned().collect();
         let now = crate::fsutil::now_secs();
         let mut n = 0;
@@ -352,7 +360,10 @@ impl Tokens {
             if let Some(mut rec) = self.load(store, &id)? {
                 if rec.revoked_at.is_none() {
                     rec.revoked_at = Some(now);
-                    store.tokens.insert(id.as_bytes(), self.encode(&rec))?;
+                    let mut c = Commit::default();
+                    c.insert("tokens", id.as_bytes(), self.encode(&rec));
+                    also(&mut c, &rec)?;
+                    store.apply(&c)?;
                     n += 1;
                 }
             }

@@ -426,6 +426,18 @@ pub async fn revoke_token(State(st): S, c: Caller, Path(id): Path<String>) -> Ap
     Ok(json_response(StatusCode::OK, &rec.describe()))
 }
 
+pub async fn list_events(State(st): S, c: Caller, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let filter = crate::events::Filter::parse(q.get("state").map(String::as_str))
+        .ok_or_else(|| ApiError(VaultError::BadRequest("state must be pending, dead or all".into())))?;
+    let events = st.vault.list_events(&c.ctx, &c.auth, filter).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "events": events })))
+}
+
+pub async fn retry_event(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
+    let requeued = st.vault.retry_event(&c.ctx, &c.auth, &id).await?;
+    Ok(json_response(StatusCode::OK, &json!({"id": id, "requeued": requeued})))
+}
+
 pub async fn rotate_kek(State(st): S, c: Caller) -> ApiResult {
     let (epoch, rewrapped) = st.vault.admin_rotate(&c.ctx, &c.auth).await?;
     Ok(json_response(

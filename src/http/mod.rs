@@ -116,6 +116,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/tokens", post(issue_token).get(list_tokens))
         .route("/v1/admin/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/admin/rotate-kek", post(rotate_kek))
+        .route("/v1/admin/events", get(list_events))
+        .route("/v1/admin/events/{id}/retry", post(retry_event))
         .route("/v1/admin/backup", get(backup))
         .route("/v1/subjects/{id}/self-service-links", post(self_service_link))
         .route("/v1/self/session", post(self_session))
@@ -154,6 +156,8 @@ mod tests {
             ("/v1/admin/tokens", "post"),
             ("/v1/admin/tokens", "get"),
             ("/v1/admin/tokens/{id}", "delete"),
+            ("/v1/admin/events", "get"),
+            ("/v1/admin/events/{id}/retry", "post"),
             ("/v1/admin/rotate-kek", "post"),
             ("/v1/admin/backup", "get"),
             ("/metrics", "get"),
@@ -167,6 +171,6 @@ mod tests {
                 "{method} {path} missing from openapi.json"
             );
         }
-        assert_eq!(doc["paths"].as_object().unwrap().len(), 20);
+        assert_eq!(doc["paths"].as_object().unwrap().len(), 22);
     }
 }

@@ -85,9 +85,15 @@ impl Vault {
     pub async fn revoke_token(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<TokenRecord> {
         self.admin(ctx, auth, "token_revoke").await?;
         let _g = self.gate.read().await;
-        match self.tokens.revoke(&self.store, &self.keyring, id, now_secs())? {
-            Some(r) => {
+        let mut c = Commit::default();
+        match self.tokens.revoke(&self.store, &self.keyring, id, now_secs(), &mut c)? {
+            Some((r, changed)) => {
+                if let Some(ev) = grant_revoked_event(&r).filter(|_| changed) {
+                    self.stage_event(&mut c, ev)?;
+                }
+                self.store.apply(&c)?;
                 self.store.flusher.sync().await?;
+                self.committed(&c);
                 self.record(vec![self.token_draft(ctx, auth, "token_revoke", None, vec![], id)])
                     .await?;
                 Ok(r)
@@ -340,7 +346,8 @@ impl Vault {
 
     /// `/metrics` needs `admin`; scrapes are not audited, refusals are.
     pub async fn admin_metrics(&self, ctx: &Ctx, auth: &Authenticated) -> Result<()> {
-        self.admin(ctx, auth, "metrics").await
+        self.admin(ctx, auth, "metrics").await?;
+        self.refresh_event_metrics()
     }
 
     pub async fn admin_rotate(&self, ctx: &Ctx, auth: &Authenticated) -> Result<(u32, u64)> {
@@ -381,6 +388,45 @@ impl Vault {
     /// When the last checkpoint was signed, if ever (the schedule's start).
     pub fn last_checkpoint_at(&self) -> Option<u64> {
         self.audit.last_checkpoint_at()
+    }
+
+    /// The outbox as the operator sees it: undelivered events, oldest first.
+    pub async fn list_events(
+        &self,
+        ctx: &Ctx,
+        auth: &Authenticated,
+        filter: crate::events::Filter,
+    ) -> Result<Vec<crate::events::EventView>> {
+        self.admin(ctx, auth, "events_list").await?;
+        self.record(vec![self.draft(ctx, Some(auth), "events_list", None, vec![], None)])
+            .await?;
+        crate::events::list(&self.store, filter, EVENTS_LISTED)
+    }
+
+    /// Sends an event's dead deliveries again. Returns how many it re-queued.
+    pub async fn retry_event(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<usize> {
+        self.admin(ctx, auth, "events_retry").await?;
+        let Some(n) = self.retry_event_local(id)? else {
+            let e = VaultError::NotFound("no such undelivered event".into());
+            return Err(self.refuse(ctx, auth, "events_retry", None, vec![], e).await);
+        };
+        self.record(vec![self.draft(ctx, Some(auth), "events_retry", None, vec![], None)])
+            .await?;
+        self.store.flusher.sync().await?;
+        self.events_wake.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(n)
+    }
+
+    /// `retry` without a caller: the CLI on a stopped server's data directory.
+    pub fn retry_event_local(&self, id: &str) -> Result<Option<usize>> {
+        crate::events::retry(&self.store, id)
+    }
+
+    /// Sets the queue gauges (before each scrape).
+    pub fn refresh_event_metrics(&self) -> Result<()> {
+        let q = crate::events::depth(&self.store, &self.cfg.events)?;
+        self.metrics.set_event_queues(&q);
+        Ok(())
     }
 
     pub fn store(&self) -> &Store {
@@ -451,3 +497,6 @@ fn split_dn(s: &str) -> Vec<&str> {
     parts.push(&s[start..]);
     parts
 }
+
+/// At most this many events in one listing (the oldest first).
+const EVENTS_LISTED: usize = 1000;

@@ -87,8 +87,9 @@ impl Vault {
         let entry = self.ledger.append(id, &receipt, &signature)?;
         self.keystore.remove_all(id)?;
         self.keystore.flusher.sync().await?;
-        purge_subject(&self.store, &entry)?;
+        let c = purge_subject(&self.store, &entry, &self.cfg.events)?;
         self.store.flusher.sync().await?;
+        self.committed(&c);
         Ok(Erasure { receipt, signature })
     }
 
@@ -145,8 +146,48 @@ impl Vault {
 
 /// Removes an erased subject's data and records its receipt. Idempotent;
 /// needs no key, so `restore` and every start can run it.
-fn purge_subject(store: &Store, e: &LedgerEntry) -> Result<()> {
+///
+/// The receipt and the `subject.erased` event land in one commit, before the
+/// data goes (who received it is read from the access index, which goes with
+/// the data): an erasure interrupted anywhere is finished, and its event
+/// staged exactly when the receipt is, by the ledger's replay. Returns that
+/// commit.
+fn purge_subject(store: &Store, e: &LedgerEntry, events: &crate::config::EventsConfig) -> Result<Commit> {
     let id = e.id.as_str();
+    let mut c = Commit::default();
+    if !store.erased.contains_key(id.as_bytes())? {
+        let v = json!({"receipt": e.receipt, "signature": e.signature, "ledger_seq": e.seq});
+        c.insert("erased", id.as_bytes(), serde_json::to_vec(&v).expect("json"));
+        let received = crate::audit::received_by(&store.access, id)?;
+        let per_subscriber = events
+            .subscribers
+            .iter()
+            .map(|s| {
+                let (mut got, mut fields) = (false, std::collections::BTreeSet::new());
+                for caller in s.callers() {
+                    if let Some(f) = received.get(&caller) {
+                        got = true;
+                        fields.extend(f.iter().cloned());
+                    }
+                }
+                (s.name.clone(), json!({"received": got, "fields_received": fields}))
+            })
+            .collect();
+        c.has_events = crate::events::stage(
+            store,
+            events,
+            &mut c,
+            NewEvent {
+                kind: "subject.erased",
+                subject: Some(id.to_owned()),
+                data: json!({"subject": id, "receipt": e.receipt, "signature": e.signature}),
+                per_subscriber,
+                audience: None,
+                id: Some(crate::events::fixed_event_id("subject.erased", id)),
+            },
+        )?;
+        store.apply(&c)?;
+    }
     if let Some(b) = store.subjects.get(id.as_bytes())? {
         if let Ok(rec) = SubjectRecord::decode(&b) {
             for ix in &rec.index {
@@ -160,19 +201,18 @@ fn purge_subject(store: &Store, e: &LedgerEntry) -> Result<()> {
         store.consents.remove(k?)?;
     }
     crate::audit::forget_subject(&store.access, id)?;
-    if !store.erased.contains_key(id.as_bytes())? {
-        let v = json!({"receipt": e.receipt, "signature": e.signature, "ledger_seq": e.seq});
-        store
-            .erased
-            .insert(id.as_bytes(), serde_json::to_vec(&v).expect("json"))?;
-    }
-    Ok(())
+    Ok(c)
 }
 
 /// Applies the shred ledger to a data directory (and the key store): every
 /// subject it names is removed and marked erased. Skips what an earlier
 /// replay already did, unless this data directory has not seen it.
-pub fn replay_ledger(store: &Store, keystore: &KeyStore, entries: &[LedgerEntry]) -> Result<usize> {
+pub fn replay_ledger(
+    store: &Store,
+    keystore: &KeyStore,
+    entries: &[LedgerEntry],
+    events: &crate::config::EventsConfig,
+) -> Result<usize> {
     let applied = store
         .meta
         .get("ledger_applied")?
@@ -183,7 +223,7 @@ pub fn replay_ledger(store: &Store, keystore: &KeyStore, entries: &[LedgerEntry]
     };
     let mut n = 0;
     for e in &entries[start.min(entries.len())..] {
-        purge_subject(store, e)?;
+        purge_subject(store, e, events)?;
         keystore.remove_all(&e.id)?;
         n += 1;
     }
@@ -233,7 +273,7 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
     let keystore = KeyStore::open(&cfg.keys.dir)?;
     let (_, entries) = Ledger::open(&cfg.keys.dir)?;
     store.meta.remove("ledger_applied")?;
-    let replayed = replay_ledger(&store, &keystore, &entries)?;
+    let replayed = replay_ledger(&store, &keystore, &entries, &cfg.events)?;
     // Revocations are replayed against the token records at the next start
     // (which needs the keyring); until then no server runs on this directory,
     // and every lookup checks the revocation ledger in any case.

@@ -17,6 +17,7 @@ use crate::audit::{AuditLog, Draft};
 use crate::config::Config;
 use crate::crypto::{hmac_parts, Aead256, DataKey, Plaintext};
 use crate::error::{Result, VaultError};
+use crate::events::NewEvent;
 use crate::fields::{normalize, FieldType};
 use crate::fsutil::{now_secs, rfc3339};
 use crate::keyring::Keyring;
@@ -24,7 +25,7 @@ use crate::ledger::{Ledger, LedgerEntry};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::{Action, Allowed, Capability, FieldsAsked, GrantScope, Request, SubjectState};
 use crate::release::{release, ReleaseForm};
-use crate::storage::{dek_key, parse_dek_key, KeyStore, Store, SubjectRecord, WrappedKey};
+use crate::storage::{dek_key, parse_dek_key, Commit, KeyStore, Store, SubjectRecord, WrappedKey};
 use crate::tokens::{new_token_id, Authenticated, NewToken, TokenRecord, TokenSecret, Tokens};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -128,6 +129,8 @@ pub struct Vault {
     gate: tokio::sync::RwLock<()>,
     rotation: tokio::sync::Mutex<()>,
     pub metrics: Metrics,
+    /// Bumped after each durable commit that recorded events: wakes the sender.
+    events_wake: tokio::sync::watch::Sender<u64>,
 }
 
 fn frame(parts: &[&[u8]]) -> Vec<u8> {
@@ -199,7 +202,7 @@ impl Vault {
         let store = Store::open(&cfg.data_dir).map_err(|e| e.to_string())?;
         let keystore = KeyStore::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
         let (ledger, entries) = Ledger::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
-        replay_ledger(&store, &keystore, &entries).map_err(|e| e.to_string())?;
+        replay_ledger(&store, &keystore, &entries, &cfg.events).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(&cfg.data_dir, store.access.clone(), &store.meta, cfg.audit.fsync)
             .map_err(|e| e.to_string())?;
         let (revocations, revoked) =
@@ -213,7 +216,13 @@ impl Vault {
         let records = crate::crypto::RecordMac::new(
             crate::crypto::SecretKey::from_bytes(keyring.record_mac_key().expose_secret()).expect("32 bytes"),
         );
-        if tokens.replay_revocations(&store).map_err(|e| e.to_string())? > 0 {
+        let replayed = tokens
+            .replay_revocations(&store, |c, rec| match grant_revoked_event(rec) {
+                Some(ev) => crate::events::stage(&store, &cfg.events, c, ev).map(|_| ()),
+                None => Ok(()),
+            })
+            .map_err(|e| e.to_string())?;
+        if replayed > 0 {
             store.flusher.sync_blocking().map_err(|e| e.to_string())?;
         }
         Ok(Vault {
@@ -229,7 +238,28 @@ impl Vault {
             gate: tokio::sync::RwLock::new(()),
             rotation: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
+            events_wake: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// A receiver that changes whenever events were recorded.
+    pub fn event_wakeups(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events_wake.subscribe()
+    }
+
+    /// Stages an event into the commit of the change it reports.
+    fn stage_event(&self, c: &mut Commit, ev: NewEvent) -> Result<()> {
+        if crate::events::stage(&self.store, &self.cfg.events, c, ev)? {
+            c.has_events = true;
+        }
+        Ok(())
+    }
+
+    /// After a commit is durable: wakes the sender if it recorded events.
+    fn committed(&self, c: &Commit) {
+        if c.has_events {
+            self.events_wake.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     pub fn keyring(&self) -> &Keyring {
@@ -635,9 +665,13 @@ impl Vault {
 
     /// Stores new subjects (or new versions): keys first, flushed, then data,
     /// flushed. A crash in between leaves an unused key, never unreadable data.
+    /// Writes subjects: their keys durable first, then the records, their
+    /// indexes and whatever else `c` holds (the events reporting the change)
+    /// in one commit.
     async fn store_subjects(
         &self,
         items: Vec<(String, WrappedKey, SubjectRecord, Option<SubjectRecord>)>,
+        mut c: Commit,
     ) -> Result<()> {
         let mut kb = sled::Batch::default();
         for (id, w, rec, _) in &items {
@@ -645,27 +679,25 @@ impl Vault {
         }
         self.keystore.keys.apply_batch(kb)?;
         self.keystore.flusher.sync().await?;
-        let (mut sb, mut ib, mut ab) = (sled::Batch::default(), sled::Batch::default(), sled::Batch::default());
         // One counter reservation for the whole batch (the counter orders
         // duplicate emails/phones: the most recent write wins a lookup).
         let first = self.store.reserve_counter("index_stamp", items.len() as u64)?;
         for (stamp, (id, _, rec, old)) in (first..).zip(items.iter()) {
             if let Some(old) = old {
                 for ix in &old.index {
-                    ib.remove(Self::index_entry_key(ix, id));
+                    c.remove("index", Self::index_entry_key(ix, id));
                 }
-                ab.remove(activity_key(old.updated_at, id));
+                c.remove("activity", activity_key(old.updated_at, id));
             }
             for ix in &rec.index {
-                ib.insert(Self::index_entry_key(ix, id), &stamp.to_be_bytes());
+                c.insert("index", Self::index_entry_key(ix, id), stamp.to_be_bytes());
             }
-            ab.insert(activity_key(rec.updated_at, id), &[]);
-            sb.insert(id.as_bytes(), rec.encode());
+            c.insert("activity", activity_key(rec.updated_at, id), []);
+            c.insert("subjects", id.as_bytes(), rec.encode());
         }
-        self.store.index.apply_batch(ib)?;
-        self.store.activity.apply_batch(ab)?;
-        self.store.subjects.apply_batch(sb)?;
+        self.store.apply(&c)?;
         self.store.flusher.sync().await?;
+        self.committed(&c);
         // The previous version's key is no longer needed: an old value left in
         // sled's files dies with it.
         let mut removed = false;
@@ -680,6 +712,26 @@ impl Vault {
         }
         Ok(())
     }
+}
+
+/// What a grant's holder is told when it is revoked; nothing for a
+/// self-service session (its holder is the subject's browser) or a token
+/// that is not a grant.
+fn grant_revoked_event(rec: &TokenRecord) -> Option<NewEvent> {
+    let g = rec.grant.as_ref().filter(|g| !g.self_service)?;
+    Some(NewEvent {
+        kind: "grant.revoked",
+        subject: None,
+        data: json!({
+            "grant": rec.id,
+            "caller": rec.caller,
+            "subjects": g.subjects,
+            "revoked_at": rec.revoked_at.map(rfc3339),
+        }),
+        per_subscriber: Default::default(),
+        audience: Some(rec.caller.clone()),
+        id: Some(crate::events::fixed_event_id("grant.revoked", &rec.id)),
+    })
 }
 
 fn asked_names(f: FieldsAsked<'_>) -> Vec<String> {

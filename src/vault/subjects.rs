@@ -40,7 +40,8 @@ impl Vault {
         let _g = self.gate.read().await;
         let now = now_secs();
         let (w, rec, _) = self.seal_subject(&id, 1, &normalized, now, now);
-        self.store_subjects(vec![(id.clone(), w, rec, None)]).await?;
+        self.store_subjects(vec![(id.clone(), w, rec, None)], Commit::default())
+            .await?;
         Ok((id, 1))
     }
 
@@ -103,7 +104,7 @@ impl Vault {
                 (id, w, rec, None)
             })
             .collect();
-        self.store_subjects(items).await?;
+        self.store_subjects(items, Commit::default()).await?;
         Ok(results)
     }
 
@@ -269,7 +270,12 @@ impl Vault {
         let _g = self.gate.read().await;
         // Re-key: open everything under the old key, seal under a new one.
         let mut current = self.open_fields(id, &rec, None)?;
+        let mut changed: Vec<String> = vec![];
         for (name, value) in changes {
+            let before = current.iter().find(|(n, _)| *n == name).map(|(_, v)| v.expose());
+            if before != value.as_ref().map(|v| v.expose()) && !changed.contains(&name) {
+                changed.push(name.clone());
+            }
             current.retain(|(n, _)| *n != name);
             if let Some(v) = value {
                 current.push((name, v));
@@ -279,7 +285,20 @@ impl Vault {
         let now = now_secs();
         let version = rec.version + 1;
         let (w, new_rec, _) = self.seal_subject(id, version, &current, rec.created_at, now);
-        self.store_subjects(vec![(id.to_owned(), w, new_rec, Some(rec))])
+        let mut c = Commit::default();
+        changed.sort();
+        self.stage_event(
+            &mut c,
+            NewEvent {
+                kind: "subject.rectified",
+                subject: Some(id.to_owned()),
+                data: json!({"subject": id, "fields": changed, "version": version}),
+                per_subscriber: Default::default(),
+                audience: None,
+                id: None,
+            },
+        )?;
+        self.store_subjects(vec![(id.to_owned(), w, new_rec, Some(rec))], c)
             .await?;
         Ok((id.to_owned(), version))
     }
@@ -463,21 +482,35 @@ impl Vault {
         let sealed = self
             .records
             .seal("consent", &k, &serde_json::to_vec(&rec).expect("json"));
-        self.store.consents.insert(k, sealed)?;
-        self.touch(id)?;
+        let mut c = Commit::default();
+        c.insert("consents", k, sealed);
+        self.touch(&mut c, id)?;
+        self.stage_event(
+            &mut c,
+            NewEvent {
+                kind: "consent.changed",
+                subject: Some(id.to_owned()),
+                data: json!({"subject": id, "purpose": purpose, "granted": granted}),
+                per_subscriber: Default::default(),
+                audience: None,
+                id: None,
+            },
+        )?;
+        self.store.apply(&c)?;
         self.store.flusher.sync().await?;
+        self.committed(&c);
         Ok(rec)
     }
 
     /// Marks a write as activity (for the retention sweeper).
-    fn touch(&self, id: &str) -> Result<()> {
+    fn touch(&self, c: &mut Commit, id: &str) -> Result<()> {
         if let Some(b) = self.store.subjects.get(id.as_bytes())? {
             let mut rec = SubjectRecord::decode(&b)?;
             let now = now_secs();
-            self.store.activity.remove(activity_key(rec.updated_at, id))?;
+            c.remove("activity", activity_key(rec.updated_at, id));
             rec.updated_at = now;
-            self.store.activity.insert(activity_key(now, id), &[])?;
-            self.store.subjects.insert(id.as_bytes(), rec.encode())?;
+            c.insert("activity", activity_key(now, id), []);
+            c.insert("subjects", id.as_bytes(), rec.encode());
         }
         Ok(())
     }
