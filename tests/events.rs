@@ -233,44 +233,25 @@ async fn start(rx: &Receiver, dir: &Path, extra: &str) -> Server {
     Server::start_with(Some(&edit), vec![]).await
 }
 
-async fn erase(s: &Server, tok: &str, id: &str) -> Resp {
-    let r = s
-        .call(
-            Method::DELETE,
-            &format!("/v1/subjects/{id}"),
-            tok,
-            Some("erasure"),
-            None,
-        )
-        .await;
+/// A call that must answer 200.
+async fn ok(s: &Server, method: Method, path: &str, tok: &str, purpose: &str, body: Option<Value>) -> Resp {
+    let r = s.call(method, path, tok, Some(purpose), body).await;
     assert_eq!(r.status, 200, "{}", r.text);
     r
 }
 
+async fn erase(s: &Server, tok: &str, id: &str) -> Resp {
+    ok(s, Method::DELETE, &format!("/v1/subjects/{id}"), tok, "erasure", None).await
+}
+
 async fn consent(s: &Server, tok: &str, id: &str, granted: bool) {
-    let r = s
-        .call(
-            Method::PUT,
-            &format!("/v1/subjects/{id}/consents/marketing"),
-            tok,
-            Some("order"),
-            Some(json!({ "granted": granted })),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    let path = format!("/v1/subjects/{id}/consents/marketing");
+    ok(s, Method::PUT, &path, tok, "order", Some(json!({ "granted": granted }))).await;
 }
 
 async fn patch(s: &Server, tok: &str, id: &str, fields: Value) {
-    let r = s
-        .call(
-            Method::PATCH,
-            &format!("/v1/subjects/{id}"),
-            tok,
-            Some("order"),
-            Some(json!({ "fields": fields })),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text);
+    let path = format!("/v1/subjects/{id}");
+    ok(s, Method::PATCH, &path, tok, "order", Some(json!({ "fields": fields }))).await;
 }
 
 async fn metrics(s: &Server) -> String {
