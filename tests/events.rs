@@ -201,7 +201,6 @@ fn with_subscribers(rx: &Receiver, dir: &Path, extra: &str) -> impl Fn(String) -
 [events]
 retry_min = "100ms"
 retry_max = "400ms"
-timeout = "2s"
 {extra}
 
 [[events.subscribers]]

@@ -127,13 +127,28 @@ pub fn targets<'a>(cfg: &'a EventsConfig, ev: &NewEvent) -> Vec<&'a SubscriberCo
         .collect()
 }
 
-/// Adds an event and its deliveries to `c`; nothing when no subscriber
-/// wants it. Returns whether it staged anything.
-pub fn stage(store: &Store, cfg: &EventsConfig, c: &mut Commit, ev: NewEvent) -> Result<bool> {
+impl NewEvent {
+    /// An event about one subject, told alike to every subscriber that asked.
+    pub fn about(kind: &'static str, subject: &str, data: Value) -> NewEvent {
+        NewEvent {
+            kind,
+            subject: Some(subject.to_owned()),
+            data,
+            per_subscriber: BTreeMap::new(),
+            audience: None,
+            id: None,
+        }
+    }
+}
+
+/// Adds an event and its deliveries to `c` (marking it as one that recorded
+/// events); nothing when no subscriber wants it.
+pub fn stage(store: &Store, cfg: &EventsConfig, c: &mut Commit, ev: NewEvent) -> Result<()> {
     let to = targets(cfg, &ev);
     if to.is_empty() {
-        return Ok(false);
+        return Ok(());
     }
+    c.has_events = true;
     let seq = store.next_counter("event_seq")?;
     let now = now_secs();
     let rec = EventRecord {
@@ -165,7 +180,7 @@ pub fn stage(store: &Store, cfg: &EventsConfig, c: &mut Commit, ev: NewEvent) ->
             serde_json::to_vec(&d).expect("json"),
         );
     }
-    Ok(true)
+    Ok(())
 }
 
 /// The fixed message id of an event that can be staged twice for one fact
@@ -414,7 +429,8 @@ mod tests {
                 audience: None,
                 id: None,
             };
-            assert!(stage(&store, &cfg, &mut c, ev).unwrap());
+            stage(&store, &cfg, &mut c, ev).unwrap();
+            assert!(c.has_events);
             store.apply(&c).unwrap();
         }
         let q = queue(&store, "a", 10).unwrap();

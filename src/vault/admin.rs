@@ -406,7 +406,7 @@ impl Vault {
     /// Sends an event's dead deliveries again. Returns how many it re-queued.
     pub async fn retry_event(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<usize> {
         self.admin(ctx, auth, "events_retry").await?;
-        let Some(n) = self.retry_event_local(id)? else {
+        let Some(n) = crate::events::retry(&self.store, id)? else {
             let e = VaultError::NotFound("no such undelivered event".into());
             return Err(self.refuse(ctx, auth, "events_retry", None, vec![], e).await);
         };
@@ -415,11 +415,6 @@ impl Vault {
         self.store.flusher.sync().await?;
         self.events_wake.send_modify(|n| *n = n.wrapping_add(1));
         Ok(n)
-    }
-
-    /// `retry` without a caller: the CLI on a stopped server's data directory.
-    pub fn retry_event_local(&self, id: &str) -> Result<Option<usize>> {
-        crate::events::retry(&self.store, id)
     }
 
     /// Sets the queue gauges (before each scrape).

@@ -173,19 +173,13 @@ fn purge_subject(store: &Store, e: &LedgerEntry, events: &crate::config::EventsC
                 (s.name.clone(), json!({"received": got, "fields_received": fields}))
             })
             .collect();
-        c.has_events = crate::events::stage(
-            store,
-            events,
-            &mut c,
-            NewEvent {
-                kind: "subject.erased",
-                subject: Some(id.to_owned()),
-                data: json!({"subject": id, "receipt": e.receipt, "signature": e.signature}),
-                per_subscriber,
-                audience: None,
-                id: Some(crate::events::fixed_event_id("subject.erased", id)),
-            },
-        )?;
+        let data = json!({"subject": id, "receipt": e.receipt, "signature": e.signature});
+        let ev = NewEvent {
+            per_subscriber,
+            id: Some(crate::events::fixed_event_id("subject.erased", id)),
+            ..NewEvent::about("subject.erased", id, data)
+        };
+        crate::events::stage(store, events, &mut c, ev)?;
         store.apply(&c)?;
     }
     if let Some(b) = store.subjects.get(id.as_bytes())? {

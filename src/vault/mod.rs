@@ -249,10 +249,7 @@ impl Vault {
 
     /// Stages an event into the commit of the change it reports.
     fn stage_event(&self, c: &mut Commit, ev: NewEvent) -> Result<()> {
-        if crate::events::stage(&self.store, &self.cfg.events, c, ev)? {
-            c.has_events = true;
-        }
-        Ok(())
+        crate::events::stage(&self.store, &self.cfg.events, c, ev)
     }
 
     /// After a commit is durable: wakes the sender if it recorded events.

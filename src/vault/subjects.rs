@@ -287,17 +287,8 @@ impl Vault {
         let (w, new_rec, _) = self.seal_subject(id, version, &current, rec.created_at, now);
         let mut c = Commit::default();
         changed.sort();
-        self.stage_event(
-            &mut c,
-            NewEvent {
-                kind: "subject.rectified",
-                subject: Some(id.to_owned()),
-                data: json!({"subject": id, "fields": changed, "version": version}),
-                per_subscriber: Default::default(),
-                audience: None,
-                id: None,
-            },
-        )?;
+        let data = json!({"subject": id, "fields": changed, "version": version});
+        self.stage_event(&mut c, NewEvent::about("subject.rectified", id, data))?;
         self.store_subjects(vec![(id.to_owned(), w, new_rec, Some(rec))], c)
             .await?;
         Ok((id.to_owned(), version))
@@ -485,17 +476,8 @@ impl Vault {
         let mut c = Commit::default();
         c.insert("consents", k, sealed);
         self.touch(&mut c, id)?;
-        self.stage_event(
-            &mut c,
-            NewEvent {
-                kind: "consent.changed",
-                subject: Some(id.to_owned()),
-                data: json!({"subject": id, "purpose": purpose, "granted": granted}),
-                per_subscriber: Default::default(),
-                audience: None,
-                id: None,
-            },
-        )?;
+        let data = json!({"subject": id, "purpose": purpose, "granted": granted});
+        self.stage_event(&mut c, NewEvent::about("consent.changed", id, data))?;
         self.store.apply(&c)?;
         self.store.flusher.sync().await?;
         self.committed(&c);
