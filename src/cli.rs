@@ -76,6 +76,9 @@ enum Command {
     Backup { file: PathBuf },
     /// Restore a backup into an empty data directory (offline); replays the shred ledger.
     Restore { file: PathBuf },
+    /// The configuration in effect.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Load-benchmark baseline (`cargo bench --bench load`): the same TLS stack and
     /// accept loop answering `GET /v1/subjects/{id}` with a fixed JSON body; no
     /// token check, storage, crypto or audit. Needs an existing TLS cert and key.
@@ -108,6 +111,12 @@ enum TokenCmd {
     Revoke {
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Print the effective configuration (defaults, file, environment, flags) as TOML, secrets redacted.
+    Show,
 }
 
 #[derive(Subcommand, Debug)]
@@ -177,13 +186,16 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-fn load_config(g: &Global) -> CliResult<Config> {
-    let ov = Overrides {
+fn overrides(g: &Global) -> Overrides {
+    Overrides {
         listen: g.listen.clone(),
         data_dir: g.data_dir.clone(),
         keys_dir: g.keys_dir.clone(),
-    };
-    Config::load(&g.config, &ov).map_err(|e| e.to_string())
+    }
+}
+
+fn load_config(g: &Global) -> CliResult<Config> {
+    Config::load(&g.config, &overrides(g)).map_err(|e| e.to_string())
 }
 
 /// The passphrase: `--passphrase-file`, else `PDVAULT_PASSPHRASE`, else (dev)
@@ -221,6 +233,13 @@ fn kdf(cfg: &Config) -> KdfParams {
 
 async fn run(cli: Cli) -> CliResult {
     let g = cli.global;
+    if let Command::Config(ConfigCmd::Show) = cli.cmd {
+        print!(
+            "{}",
+            Config::show(&g.config, &overrides(&g)).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
     let cfg = load_config(&g)?;
     match cli.cmd {
         Command::Init => init(&g, cfg),
@@ -233,6 +252,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Backup { file } => backup(cfg, &file).await,
         Command::Restore { file } => restore(cfg, &file),
         Command::BenchBaseline { body_bytes } => bench_baseline(cfg, body_bytes).await,
+        Command::Config(ConfigCmd::Show) => unreachable!("answered before the config is resolved"),
     }
 }
 
@@ -375,9 +395,26 @@ struct Remote {
     token: Zeroizing<String>,
 }
 
-/// A running server at the configured address, if one answers there.
+/// The server the CLI talks to: `PDVAULT_ADDR` (`https://host:port` or
+/// `host:port`) when set, else the configured listen address.
+fn server_addr(cfg: &Config) -> CliResult<(String, bool)> {
+    match std::env::var("PDVAULT_ADDR") {
+        Ok(a) if !a.trim().is_empty() => {
+            let a = a.trim().trim_end_matches('/');
+            if a.starts_with("http://") {
+                return Err("PDVAULT_ADDR: the vault speaks HTTPS only".into());
+            }
+            Ok((a.strip_prefix("https://").unwrap_or(a).to_string(), true))
+        }
+        _ => Ok((cfg.server.listen.replace("0.0.0.0", "127.0.0.1"), false)),
+    }
+}
+
+/// A running server at the configured address, if one answers there. With
+/// `PDVAULT_ADDR` set, a server that does not answer is an error, not a
+/// reason to open the data directory.
 async fn remote(cfg: &Config) -> CliResult<Option<Remote>> {
-    let addr = cfg.server.listen.replace("0.0.0.0", "127.0.0.1");
+    let (addr, explicit) = server_addr(cfg)?;
     let reachable = tokio::time::timeout(
         std::time::Duration::from_millis(500),
         tokio::net::TcpStream::connect(&addr),
@@ -385,7 +422,10 @@ async fn remote(cfg: &Config) -> CliResult<Option<Remote>> {
     .await
     .is_ok_and(|r| r.is_ok());
     if !reachable {
-        return Ok(None);
+        return match explicit {
+            true => Err(format!("PDVAULT_ADDR: no server answers at {addr}")),
+            false => Ok(None),
+        };
     }
     let token = match std::env::var("PDVAULT_TOKEN") {
         Ok(t) => Zeroizing::new(t),

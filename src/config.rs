@@ -1,5 +1,8 @@
-//! Configuration: `config/pdvault.toml` read with unknown keys refused, then
-//! the command line's overrides (`--listen`, `--data-dir`, `--keys-dir`).
+//! Configuration, in layers: built-in defaults, `config/pdvault.toml`, the
+//! environment (`PDVAULT_<SECTION>__<KEY>`), then the command line's
+//! overrides (`--listen`, `--data-dir`, `--keys-dir`). figment merges the
+//! layers; unknown keys are refused in the file and in the environment, each
+//! error naming the key (or the variable) it is about.
 //!
 //! Owns parsing, defaults and validation of every setting, including the
 //! field schema and the purposes (turned into a `policy::Policy`). Relative
@@ -8,7 +11,9 @@
 use crate::fields::FieldType;
 use crate::policy::{Policy, Purpose};
 use crate::release::{form_applies, ReleaseForm};
-use serde::{Deserialize, Deserializer};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,45 +37,90 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}"))
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
-}
-
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = Option::<String>::deserialize(d)?;
-    match s.as_deref().map(str::trim) {
-        None | Some("off") | Some("") => Ok(None),
-        Some(s) => parse_duration(s).map(Some).map_err(serde::de::Error::custom),
+/// Writes a duration the way the file reads it: `30s`, `10m`, `24h`, `30d`.
+pub fn format_duration(d: Duration) -> String {
+    let (s, ms) = (d.as_secs(), d.subsec_millis());
+    match () {
+        _ if ms != 0 || d.subsec_nanos() % 1_000_000 != 0 => format!("{}ms", d.as_millis()),
+        _ if s == 0 => "0".into(),
+        _ if s % 86400 == 0 => format!("{}d", s / 86400),
+        _ if s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A duration is a string (`"30s"`); a bare number counts seconds.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DurationText {
+    Text(String),
+    Seconds(u64),
+}
+
+/// `#[serde(with = "dur")]`: durations as `30s`-style strings.
+mod dur {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match DurationText::deserialize(d)? {
+            DurationText::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+            DurationText::Seconds(n) => Ok(Duration::from_secs(n)),
+        }
+    }
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+}
+
+/// `#[serde(with = "opt_dur")]`: like `dur`, where absent, `""` or `"off"` is none.
+mod opt_dur {
+    use super::*;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<DurationText>::deserialize(d)? {
+            None => Ok(None),
+            Some(DurationText::Text(s)) if matches!(s.trim(), "" | "off") => Ok(None),
+            Some(DurationText::Text(s)) => parse_duration(&s).map(Some).map_err(serde::de::Error::custom),
+            Some(DurationText::Seconds(n)) => Ok(Some(Duration::from_secs(n))),
+        }
+    }
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(*d)),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
     /// Defaults to `<keys dir>/tls-cert.pem`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
     /// Defaults to `<keys dir>/tls-key.pem`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
     /// When set, every client must present a certificate signed by this CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_ca: Option<PathBuf>,
     pub body_limit: usize,
     pub batch_body_limit: usize,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub handshake_timeout: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub shutdown_grace: Duration,
     /// After the handshake, a request's headers must arrive within this.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub header_read_timeout: Duration,
     /// A connection with no byte read or written for this long is closed.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub idle_timeout: Duration,
     /// Open connections allowed from one address; past it, new ones are closed.
     pub max_connections_per_ip: usize,
     /// The address users' browsers reach the vault at, for self-service
     /// links (`https://host:port`); default: the Host the link was asked at.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
 }
 
@@ -93,29 +143,73 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The embedded default: one node, data in `data_dir`.
+    #[default]
+    Sled,
+    /// Several nodes over one PostgreSQL: accepted by the parser so that the
+    /// keys are known, refused at start until that backend exists.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    pub backend: Backend,
     pub data_dir: PathBuf,
+    /// PostgreSQL (backend = "postgres"): the data database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// PostgreSQL: the keys database (wrapped data keys, epochs, ledgers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_url: Option<String>,
+    pub pool_size: usize,
+    /// `disable`, `require` or `verify-full` (with `ca_file`).
+    pub tls: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
+            backend: Backend::Sled,
             data_dir: "data".into(),
+            url: None,
+            keys_url: None,
+            pool_size: 16,
+            tls: "require".into(),
+            ca_file: None,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+fn check_storage(s: &StorageConfig) -> Result<(), ConfigError> {
+    if !matches!(s.tls.as_str(), "disable" | "require" | "verify-full") {
+        return Err(ConfigError::Invalid(format!(
+            "storage.tls: {:?} is none of disable, require, verify-full",
+            s.tls
+        )));
+    }
+    match s.backend {
+        Backend::Sled => Ok(()),
+        Backend::Postgres => Err(ConfigError::Invalid(
+            "storage.backend = \"postgres\": this build serves only the sled backend".into(),
+        )),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
     pub dir: PathBuf,
     /// How long a retired key epoch is kept (so older backups stay restorable).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub epoch_retention: Duration,
     /// How often the background task rotates the key-encryption key.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub rotate_every: Duration,
     /// Argon2id memory cost in KiB (at least RFC 9106's 64 MiB).
     pub argon2_m_kib: u32,
@@ -136,11 +230,11 @@ impl Default for KeysConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// How often the head of the audit chain is signed into a checkpoint.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub checkpoint_every: Duration,
     /// Make every audit append durable (fdatasync, group-committed) before the
     /// response. `false` is for benchmarks only: entries are still written but
@@ -157,13 +251,13 @@ impl Default for AuditConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// Erase subjects with no write for this long; off when absent.
-    #[serde(deserialize_with = "de_opt_duration")]
+    #[serde(with = "opt_dur")]
     pub inactive_after: Option<Duration>,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub sweep_every: Duration,
 }
 
@@ -176,10 +270,10 @@ impl Default for RetentionConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrantsConfig {
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub max_ttl: Duration,
 }
 
@@ -191,17 +285,17 @@ impl Default for GrantsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Unknown tokens a peer may present in a row before it is slowed down.
     pub auth_failures_free: u32,
     /// Unknown tokens in a row after which the peer is refused with 429.
     pub auth_failures_lockout: u32,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub lockout: Duration,
     /// Extra delay per failure beyond the free ones.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub slowdown_step: Duration,
 }
 
@@ -217,7 +311,7 @@ impl Default for LimitsConfig {
 }
 
 /// One system told of erasures, corrections and consent changes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriberConfig {
     pub name: String,
@@ -228,12 +322,12 @@ pub struct SubscriberConfig {
     /// Event types this subscriber receives.
     pub events: Vec<String>,
     /// Trust anchors for this subscriber's certificate; else the system's.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// Token callers that belong to this subscriber's system: whose releases
     /// mean "this system holds a copy", and whose revoked grants it hears of.
     /// Default: the subscriber's name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callers: Option<Vec<String>>,
 }
 
@@ -246,21 +340,21 @@ impl SubscriberConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     pub subscribers: Vec<SubscriberConfig>,
     /// An event still undelivered this long after it was recorded (or
     /// retried) is marked dead.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub dead_after: Duration,
     /// First retry delay; doubled on each failure up to `retry_max`, with jitter.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub retry_min: Duration,
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub retry_max: Duration,
     /// One delivery attempt's limit (connect, TLS, answer).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(with = "dur")]
     pub timeout: Duration,
 }
 
@@ -318,21 +412,21 @@ fn check_events(e: &EventsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyMeta {
     /// Version of the privacy policy, recorded with every consent change.
     pub version: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldDecl {
     #[serde(rename = "type")]
     pub ty: FieldType,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ConsentDefault {
     #[default]
@@ -340,7 +434,7 @@ pub enum ConsentDefault {
     OptOut,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurposeDecl {
     pub clause: String,
@@ -350,7 +444,7 @@ pub struct PurposeDecl {
     #[serde(default)]
     pub fields: BTreeMap<String, ReleaseForm>,
     /// Shorthand: every field of the schema, in this form.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub all_fields: Option<ReleaseForm>,
     #[serde(default)]
     pub write: bool,
@@ -367,7 +461,7 @@ pub struct PurposeDecl {
     pub access_log: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     #[serde(default)]
@@ -413,35 +507,140 @@ pub struct Config {
     pub policy: Policy,
 }
 
+/// The environment layer: every `PDVAULT_<SECTION>__<KEY>` variable (the
+/// `__` marks it; `PDVAULT_TOKEN`, `PDVAULT_LOG`, ... have none and keep
+/// their own meaning). Values stay strings, read as numbers or booleans where
+/// the key wants one; a value starting with `[` or `{` is an inline array or
+/// table. Errors name the variable.
+struct EnvLayer(Vec<(String, String)>);
+
+const ENV_PREFIX: &str = "PDVAULT_";
+
+impl EnvLayer {
+    fn from_process() -> EnvLayer {
+        EnvLayer(
+            std::env::vars()
+                .filter(|(k, _)| k.strip_prefix(ENV_PREFIX).is_some_and(|r| r.contains("__")))
+                .collect(),
+        )
+    }
+}
+
+fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
+    let (head, rest) = path.split_first().expect("non-empty path");
+    if rest.is_empty() {
+        dict.insert(head.clone(), value);
+        return;
+    }
+    let slot = dict.entry(head.clone()).or_insert_with(|| Value::from(Dict::new()));
+    if !matches!(slot, Value::Dict(..)) {
+        *slot = Value::from(Dict::new());
+    }
+    if let Value::Dict(_, inner) = slot {
+        insert_path(inner, rest, value);
+    }
+}
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable")
+            .interpolater(|_, keys| format!("{ENV_PREFIX}{}", keys.join("__").to_ascii_uppercase()))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (name, raw) in &self.0 {
+            let rest = &name[ENV_PREFIX.len()..];
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(figment::Error::from(format!("{name}: names no configuration key")));
+            }
+            let value = if raw.trim_start().starts_with(['[', '{']) {
+                raw.parse::<Value>().expect("infallible")
+            } else {
+                Value::from(raw.clone())
+            };
+            insert_path(&mut dict, &path, value);
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+impl FileConfig {
+    /// Defaults (serde's), then the file, then the environment, then the
+    /// command line.
+    fn layered(text: &str, env: EnvLayer, ov: &Overrides) -> Result<FileConfig, ConfigError> {
+        let parse = |message: String| ConfigError::Parse {
+            path: PathBuf::new(),
+            message,
+        };
+        let vars: Vec<String> = env.0.iter().map(|(k, _)| k.clone()).collect();
+        let mut file: FileConfig = Figment::new()
+            .merge(figment::providers::Data::<figment::providers::Toml>::string(text))
+            .merge(env)
+            .extract_lossy()
+            .map_err(|e| {
+                // An error about a key the environment set names the
+                // variables that set it (figment names the key's parent
+                // when the section itself is unknown).
+                let under = format!("{ENV_PREFIX}{}", e.path.join("__").to_ascii_uppercase());
+                let from_env = e.metadata.as_ref().is_some_and(|m| m.name == "environment variable");
+                let named: Vec<&str> = vars
+                    .iter()
+                    .filter(|v| from_env && (**v == under || v.starts_with(&format!("{under}__"))))
+                    .map(String::as_str)
+                    .collect();
+                match named.is_empty() {
+                    true => parse(e.to_string()),
+                    false => parse(format!("{e} (set by {})", named.join(", "))),
+                }
+            })?;
+        if let Some(l) = &ov.listen {
+            file.server.listen = l.clone();
+        }
+        if let Some(k) = &ov.keys_dir {
+            file.keys.dir = k.clone();
+        }
+        if let Some(d) = &ov.data_dir {
+            file.storage.data_dir = d.clone();
+        }
+        Ok(file)
+    }
+}
+
 impl Config {
+    /// The file at `path`, under the process environment and `ov`.
     pub fn load(path: &Path, ov: &Overrides) -> Result<Config, ConfigError> {
+        let file = Self::layers_at(path, ov)?;
+        Self::resolve(file).map_err(|e| at_path(e, path))
+    }
+
+    /// What `pdvault config show` prints: the effective configuration as
+    /// TOML, every layer applied and checked, secrets redacted.
+    pub fn show(path: &Path, ov: &Overrides) -> Result<String, ConfigError> {
+        let file = Self::layers_at(path, ov)?;
+        Self::resolve(file.clone()).map_err(|e| at_path(e, path))?;
+        let mut v = toml::Value::try_from(&file).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        redact(&mut v, "");
+        toml::to_string(&v).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    fn layers_at(path: &Path, ov: &Overrides) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text, ov).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
-            other => other,
-        })
+        FileConfig::layered(&text, EnvLayer::from_process(), ov).map_err(|e| at_path(e, path))
     }
 
+    /// A TOML text and `ov`, without the environment (tests, benches).
     pub fn from_toml(text: &str, ov: &Overrides) -> Result<Config, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            message: e.to_string(),
-        })?;
-        let mut server = file.server;
-        if let Some(l) = &ov.listen {
-            server.listen = l.clone();
-        }
-        let mut keys = file.keys;
-        if let Some(k) = &ov.keys_dir {
-            keys.dir = k.clone();
-        }
-        let data_dir = ov.data_dir.clone().unwrap_or(file.storage.data_dir);
+        Self::resolve(FileConfig::layered(text, EnvLayer(vec![]), ov)?)
+    }
+
+    fn resolve(file: FileConfig) -> Result<Config, ConfigError> {
+        let server = file.server;
+        let keys = file.keys;
         if keys.argon2_m_kib < 64 * 1024 || keys.argon2_t < 3 || keys.argon2_p < 1 {
             return Err(ConfigError::Invalid(
                 "keys.argon2_*: below RFC 9106's second recommendation (m = 64 MiB, t = 3)".into(),
@@ -455,11 +654,12 @@ impl Config {
         if server.body_limit == 0 || server.batch_body_limit < server.body_limit {
             return Err(ConfigError::Invalid("server body limits are inconsistent".into()));
         }
+        check_storage(&file.storage)?;
         check_events(&file.events)?;
         let policy = build_policy(file.policy, file.fields, file.purposes)?;
         Ok(Config {
             server,
-            data_dir,
+            data_dir: file.storage.data_dir,
             keys,
             audit: file.audit,
             retention: file.retention,
@@ -481,6 +681,40 @@ impl Config {
             .tls_key
             .clone()
             .unwrap_or_else(|| self.keys.dir.join("tls-key.pem"))
+    }
+}
+
+fn at_path(e: ConfigError, path: &Path) -> ConfigError {
+    match e {
+        ConfigError::Parse { message, .. } => ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        },
+        other => other,
+    }
+}
+
+/// Blanks what `config show` must not print: a password inside a URL, and
+/// any key named like a secret that holds the secret itself (a `*_file` key
+/// holds only a path and stays).
+fn redact(v: &mut toml::Value, key: &str) {
+    const MASK: &str = "REDACTED";
+    match v {
+        toml::Value::Table(t) => t.iter_mut().for_each(|(k, v)| redact(v, k)),
+        toml::Value::Array(a) => a.iter_mut().for_each(|v| redact(v, key)),
+        toml::Value::String(s) => {
+            let secretish = ["password", "secret", "token", "passphrase"]
+                .iter()
+                .any(|w| key.contains(w));
+            if secretish && !key.ends_with("_file") {
+                *s = MASK.into();
+            } else if let Ok(mut u) = reqwest::Url::parse(s) {
+                if u.password().is_some() && u.set_password(Some(MASK)).is_ok() {
+                    *s = u.to_string();
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -616,6 +850,104 @@ mod tests {
         assert!(!Config::from_toml(&off, &Overrides::default()).unwrap().audit.fsync);
     }
 
+    fn env(vars: &[(&str, &str)]) -> EnvLayer {
+        EnvLayer(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    fn with_env(vars: &[(&str, &str)], ov: &Overrides) -> Result<Config, ConfigError> {
+        Config::resolve(FileConfig::layered(SHIPPED, env(vars), ov)?)
+    }
+
+    #[test]
+    fn the_environment_sits_between_the_file_and_the_command_line() {
+        let c = with_env(
+            &[
+                ("PDVAULT_SERVER__LISTEN", "127.0.0.1:9999"),
+                ("PDVAULT_SERVER__BODY_LIMIT", "1000"),
+                ("PDVAULT_AUDIT__FSYNC", "false"),
+                ("PDVAULT_KEYS__ROTATE_EVERY", "12h"),
+                ("PDVAULT_POLICY__VERSION", "2"),
+                ("PDVAULT_PURPOSES__DELIVERY__CLAUSE", "4.3.2-bis"),
+            ],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:9999");
+        assert_eq!(c.server.body_limit, 1000);
+        assert!(!c.audit.fsync);
+        assert_eq!(c.keys.rotate_every, Duration::from_secs(12 * 3600));
+        assert_eq!(c.policy.version, "2");
+        assert_eq!(c.policy.purposes["delivery"].clause, "4.3.2-bis");
+        // The rest of the purpose still comes from the file.
+        assert!(!c.policy.purposes["delivery"].fields.is_empty());
+        let ov = Overrides {
+            listen: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let c = with_env(&[("PDVAULT_SERVER__LISTEN", "127.0.0.1:9999")], &ov).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn an_unknown_variable_is_refused_by_its_name() {
+        for var in [
+            "PDVAULT_SERVER__LISTN",
+            "PDVAULT_NOSUCH__KEY",
+            "PDVAULT_SERVER__LISTEN__X",
+        ] {
+            let e = with_env(&[(var, "1")], &Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains(var), "{var}: {e}");
+        }
+        let e = with_env(&[("PDVAULT_SERVER__BODY_LIMIT", "lots")], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PDVAULT_SERVER__BODY_LIMIT"), "{e}");
+        // Variables without `__` are not configuration keys.
+        let only = EnvLayer(vec![]);
+        assert!(only.0.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_file_key_is_refused_by_its_name() {
+        let bad = SHIPPED.replace("[server]\n", "[server]\nlistn = \"x\"\n");
+        assert_ne!(bad, SHIPPED);
+        let e = Config::from_toml(&bad, &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn show_prints_what_runs_and_redacts_secrets() {
+        let file = FileConfig::layered(
+            SHIPPED,
+            env(&[
+                ("PDVAULT_SERVER__LISTEN", "127.0.0.1:7777"),
+                ("PDVAULT_STORAGE__URL", "postgresql://pdvault:hunter2@db:5432/pdvault"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let mut v = toml::Value::try_from(&file).unwrap();
+        redact(&mut v, "");
+        let text = toml::to_string(&v).unwrap();
+        assert!(text.contains("listen = \"127.0.0.1:7777\""), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("REDACTED@db"), "{text}");
+        assert!(text.contains("rotate_every = \"1d\""), "{text}");
+        // What it prints reads back as the same configuration.
+        let again = Config::from_toml(&text, &Overrides::default()).unwrap();
+        assert_eq!(again.server.listen, "127.0.0.1:7777");
+        assert_eq!(again.policy.purposes.len(), 12);
+    }
+
+    #[test]
+    fn postgres_is_known_but_refused_and_tls_modes_checked() {
+        let e = with_env(&[("PDVAULT_STORAGE__BACKEND", "postgres")], &Overrides::default());
+        assert!(e.unwrap_err().to_string().contains("postgres"));
+        let e = with_env(&[("PDVAULT_STORAGE__TLS", "maybe")], &Overrides::default());
+        assert!(e.unwrap_err().to_string().contains("storage.tls"));
+        with_env(&[("PDVAULT_STORAGE__BACKEND", "sled")], &Overrides::default()).unwrap();
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
@@ -624,5 +956,8 @@ mod tests {
         assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86400));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("soon").is_err());
+        for d in ["30s", "10m", "24h", "30d", "0", "1500ms", "90s"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap()), d.replace("24h", "1d"));
+        }
     }
 }
