@@ -167,12 +167,6 @@ pub fn main() -> std::process::ExitCode {
     }));
     let cli = Cli::parse();
     crate::fsutil::private_umask();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PDVAULT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -231,6 +225,25 @@ fn kdf(cfg: &Config) -> KdfParams {
     }
 }
 
+/// Log lines go to standard error, at `PDVAULT_LOG`'s level (default
+/// `info`), as text or, with `[log] format = "json"`, one JSON object each.
+fn init_logging(log: &crate::config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PDVAULT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        crate::config::LogFormat::Text => fmt.init(),
+        crate::config::LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 async fn run(cli: Cli) -> CliResult {
     let g = cli.global;
     if let Command::Config(ConfigCmd::Show) = cli.cmd {
@@ -241,6 +254,7 @@ async fn run(cli: Cli) -> CliResult {
         return Ok(());
     }
     let cfg = load_config(&g)?;
+    init_logging(&cfg.log);
     match cli.cmd {
         Command::Init => init(&g, cfg),
         Command::Serve { dev } => serve(&g, cfg, dev).await,
@@ -338,7 +352,9 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
     });
     let app = http::router(state);
     tracing::info!("pdvault listening on https://{addr}");
-    eprintln!("pdvault: listening on https://{addr}");
+    if cfg.log.format == crate::config::LogFormat::Text {
+        eprintln!("pdvault: listening on https://{addr}");
+    }
     http::server::serve(listener, tls, app, &cfg, http::server::shutdown_signal()).await;
     sched.abort();
     senders.iter().for_each(|s| s.abort());

@@ -370,6 +370,22 @@ impl Default for EventsConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
 /// The event types a subscriber may ask for.
 pub const EVENT_TYPES: &[&str] = &[
     "subject.erased",
@@ -480,6 +496,8 @@ struct FileConfig {
     limits: LimitsConfig,
     #[serde(default)]
     events: EventsConfig,
+    #[serde(default)]
+    log: LogConfig,
     policy: PolicyMeta,
     fields: BTreeMap<String, FieldDecl>,
     purposes: BTreeMap<String, PurposeDecl>,
@@ -504,6 +522,7 @@ pub struct Config {
     pub grants: GrantsConfig,
     pub limits: LimitsConfig,
     pub events: EventsConfig,
+    pub log: LogConfig,
     pub policy: Policy,
 }
 
@@ -666,6 +685,7 @@ impl Config {
             grants: file.grants,
             limits: file.limits,
             events: file.events,
+            log: file.log,
             policy,
         })
     }

@@ -100,6 +100,10 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                 if let Some(p) = peer {
                     state.limiter.success(p);
                 }
+                if let Some(slot) = parts.extensions.get::<super::LogSlot>() {
+                    let known = |p: &&str| state.vault.cfg.policy.purposes.contains_key(*p);
+                    slot.set(&auth.record.caller, ctx.purpose.as_deref().filter(known));
+                }
                 // Checked after authentication, so an unauthenticated caller
                 // learns nothing but 401.
                 if ctx

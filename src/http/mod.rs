@@ -31,7 +31,76 @@ fn valid_request_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
-/// Every response carries `X-Request-Id`: the caller's, or a new one.
+/// What the request log learns from inside a request: the authenticated
+/// caller and the purpose it declared (a configured purpose name, never the
+/// header's raw text), set by the `Caller` extractor.
+#[derive(Clone, Default)]
+pub struct LogSlot(Arc<std::sync::Mutex<LogFields>>);
+
+#[derive(Default)]
+pub struct LogFields {
+    pub caller: Option<String>,
+    pub purpose: Option<String>,
+}
+
+impl LogSlot {
+    pub fn set(&self, caller: &str, purpose: Option<&str>) {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f.caller = Some(caller.to_owned());
+        f.purpose = purpose.map(str::to_owned);
+    }
+}
+
+/// The problem `code` of an error answer, for the request log.
+#[derive(Clone)]
+pub struct ProblemCode(pub String);
+
+/// The action a route performs, named as the audit log names it.
+fn action_of(method: &axum::http::Method, route: &str) -> &'static str {
+    match (method.as_str(), route) {
+        ("GET", "/v1/health") => "health",
+        ("GET", "/v1/openapi.json") => "openapi",
+        ("GET", "/v1/receipts/public-key") => "public_key",
+        ("POST", "/v1/subjects") => "create",
+        ("POST", "/v1/subjects:batchGet") => "batch_get",
+        ("POST", "/v1/subjects:batchCreate") => "batch_create",
+        ("GET", "/v1/subjects/{id}") => "read",
+        ("PATCH", "/v1/subjects/{id}") => "write",
+        ("DELETE", "/v1/subjects/{id}") => "erase",
+        ("GET", "/v1/subjects/{id}/consents") => "consent_read",
+        ("PUT", "/v1/subjects/{id}/consents/{purpose}") => "consent_write",
+        ("GET", "/v1/subjects/{id}/access-log") => "access_log",
+        ("POST", "/v1/lookup") => "lookup",
+        ("POST", "/v1/grants") => "grant",
+        ("POST", "/v1/admin/tokens") => "token_issue",
+        ("GET", "/v1/admin/tokens") => "token_list",
+        ("DELETE", "/v1/admin/tokens/{id}") => "token_revoke",
+        ("POST", "/v1/admin/rotate-kek") => "rotate_kek",
+        ("GET", "/v1/admin/events") => "events_list",
+        ("POST", "/v1/admin/events/{id}/retry") => "events_retry",
+        ("GET", "/v1/admin/backup") => "backup",
+        ("POST", "/v1/subjects/{id}/self-service-links") => "self_service_link",
+        ("POST", "/v1/self/session") => "self_session",
+        ("GET", "/self" | "/self/" | "/self/{*path}") => "self_page",
+        ("GET", "/metrics") => "metrics",
+        _ => "unrouted",
+    }
+}
+
+/// `allowed` (2xx, 3xx), `denied` (401, 403, 429), `rejected` (other 4xx),
+/// `error` (5xx).
+fn outcome_of(status: axum::http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 | 403 | 429 => "denied",
+        400..=499 => "rejected",
+        500.. => "error",
+        _ => "allowed",
+    }
+}
+
+/// Every response carries `X-Request-Id`: the caller's, or a new one. Every
+/// request is logged once, when it is answered: route template (never a
+/// query), caller, purpose, action, outcome, problem code, status, latency.
 async fn request_id(mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
@@ -41,6 +110,8 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
+    let slot = LogSlot::default();
+    req.extensions_mut().insert(slot.clone());
     let method = req.method().clone();
     let route = req
         .extensions()
@@ -65,8 +136,21 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         resp.headers_mut()
             .insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
-    // Route templates only: a path's subject id is fine, a query never logged.
-    tracing::info!(request_id = %id, %method, route, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    let fields = std::mem::take(&mut *slot.0.lock().unwrap_or_else(|p| p.into_inner()));
+    let code = resp.extensions().get::<ProblemCode>().map(|c| c.0.as_str()).unwrap_or("");
+    tracing::info!(
+        request_id = %id,
+        %method,
+        route,
+        caller = fields.caller.as_deref().unwrap_or(""),
+        purpose = fields.purpose.as_deref().unwrap_or(""),
+        action = action_of(&method, &route),
+        outcome = outcome_of(resp.status()),
+        code,
+        status = resp.status().as_u16(),
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
     resp
 }
 

@@ -91,7 +91,11 @@ pub fn problem_json(e: &VaultError) -> serde_json::Value {
 }
 
 pub fn problem_response(status: StatusCode, body: serde_json::Value) -> Response {
+    let code = body["code"].as_str().map(|c| super::ProblemCode(c.to_owned()));
     let mut r = (status, serde_json::to_vec(&body).expect("json")).into_response();
+    if let Some(c) = code {
+        r.extensions_mut().insert(c);
+    }
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
