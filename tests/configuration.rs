@@ -134,9 +134,13 @@ async fn json_logs_carry_one_object_per_request_and_no_value_or_token() {
     let s = Server::start_with(None, vec![("PDVAULT_LOG__FORMAT", "json")]).await;
     let w = s.token("shop", &["order", "delivery"], &["read", "write"]).await;
     let id = s.create(&w, full_subject()).await;
-    let ok = s.get(&format!("/v1/subjects/{id}?fields=surname"), &w, Some("delivery")).await;
+    let ok = s
+        .get(&format!("/v1/subjects/{id}?fields=surname"), &w, Some("delivery"))
+        .await;
     assert_eq!(ok.status, 200);
-    let denied = s.get(&format!("/v1/subjects/{id}?fields=email"), &w, Some("delivery")).await;
+    let denied = s
+        .get(&format!("/v1/subjects/{id}?fields=email"), &w, Some("delivery"))
+        .await;
     assert_eq!(denied.status, 403);
     let bad = s
         .get(&format!("/v1/subjects/{id}"), "pdv_not-a-token", Some("not a purpose"))
@@ -160,18 +164,48 @@ async fn json_logs_carry_one_object_per_request_and_no_value_or_token() {
     let l = request(&rid(&ok));
     assert!(l["timestamp"].is_string(), "{l}");
     assert_eq!(
-        (&l["caller"], &l["purpose"], &l["action"], &l["outcome"], &l["code"], &l["status"]),
-        (&json!("shop"), &json!("delivery"), &json!("read"), &json!("allowed"), &json!(""), &json!(200))
+        (
+            &l["caller"],
+            &l["purpose"],
+            &l["action"],
+            &l["outcome"],
+            &l["code"],
+            &l["status"]
+        ),
+        (
+            &json!("shop"),
+            &json!("delivery"),
+            &json!("read"),
+            &json!("allowed"),
+            &json!(""),
+            &json!(200)
+        )
     );
     assert!(l["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{l}");
     assert_eq!(l["route"], "/v1/subjects/{id}");
     let l = request(&rid(&denied));
-    assert_eq!((&l["outcome"], &l["code"], &l["status"]), (&json!("denied"), &json!("field_not_allowed"), &json!(403)));
+    assert_eq!(
+        (&l["outcome"], &l["code"], &l["status"]),
+        (&json!("denied"), &json!("field_not_allowed"), &json!(403))
+    );
     let l = request(&rid(&bad));
-    assert_eq!((&l["outcome"], &l["code"], &l["caller"]), (&json!("denied"), &json!("token_invalid"), &json!("")));
+    assert_eq!(
+        (&l["outcome"], &l["code"], &l["caller"]),
+        (&json!("denied"), &json!("token_invalid"), &json!(""))
+    );
     // An unknown purpose header is not echoed into the log.
     assert!(!log.contains("not a purpose"), "{log}");
-    for secret in ["Ivanova", "Aigerim", "Serikovna", "+77015550177", "aigerim.k", "Abai", w.as_str(), s.admin.trim(), "pdv_not-a-token"] {
+    for secret in [
+        "Ivanova",
+        "Aigerim",
+        "Serikovna",
+        "+77015550177",
+        "aigerim.k",
+        "Abai",
+        w.as_str(),
+        s.admin.trim(),
+        "pdv_not-a-token",
+    ] {
         assert!(!log.contains(secret), "the log holds {secret:?}");
     }
 }

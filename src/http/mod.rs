@@ -137,7 +137,11 @@ async fn request_id(mut req: Request, next: Next) -> Response {
             .insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     let fields = std::mem::take(&mut *slot.0.lock().unwrap_or_else(|p| p.into_inner()));
-    let code = resp.extensions().get::<ProblemCode>().map(|c| c.0.as_str()).unwrap_or("");
+    let code = resp
+        .extensions()
+        .get::<ProblemCode>()
+        .map(|c| c.0.as_str())
+        .unwrap_or("");
     tracing::info!(
         request_id = %id,
         %method,
