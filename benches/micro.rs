@@ -143,5 +143,62 @@ fn vault_paths(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, crypto, unseal, vault_paths);
+/// `pdvault audit impact` over a log of `PDVAULT_BENCH_AUDIT_ENTRIES`
+/// entries (default 1,000,000; written directly in the log's format): 1,000
+/// callers with two tokens each, each entry a release of 1-3 fields.
+fn audit_impact(c: &mut Criterion) {
+    use pdvault::audit::{impact, AuditEntry, AuditLog, ExportFilter};
+    use std::io::Write;
+    let n: u64 = std::env::var("PDVAULT_BENCH_AUDIT_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let path = AuditLog::log_path(dir.path());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let fields = ["surname", "given_name", "phone", "address"];
+    for seq in 1..=n {
+        let caller = seq % 1000;
+        let e = AuditEntry {
+            seq,
+            at: format!("2026-11-{:02}T{:02}:{:02}:00Z", 1 + seq % 28, seq % 24, seq % 60),
+            request_id: format!("{seq:032x}"),
+            caller: Some(format!("courier-{caller}")),
+            token_id: Some(format!("tok_{caller:04}_{}", seq % 2)),
+            purpose: Some("delivery".into()),
+            action: "read".into(),
+            subject: Some(format!("{:08x}-0000-4000-8000-{:012x}", seq % 50_000, seq % 50_000)),
+            fields: fields[..1 + (seq % 3) as usize].iter().map(|s| s.to_string()).collect(),
+            outcome: "allowed".into(),
+            code: None,
+            justification: None,
+            target_token_id: None,
+            prev: "0".repeat(64),
+            hash: format!("{seq:064x}"),
+        };
+        serde_json::to_writer(&mut f, &e).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    f.flush().unwrap();
+    let mut g = c.benchmark_group("audit_impact");
+    g.sample_size(10);
+    let by_token = ExportFilter {
+        token: Some("tok_0007_1".into()),
+        ..Default::default()
+    };
+    g.bench_function(format!("token_entries_{n}"), |b| {
+        b.iter(|| black_box(impact(dir.path(), &by_token).unwrap().releases))
+    });
+    let by_caller = ExportFilter {
+        caller: Some("courier-7".into()),
+        ..Default::default()
+    };
+    g.bench_function(format!("caller_entries_{n}"), |b| {
+        b.iter(|| black_box(impact(dir.path(), &by_caller).unwrap().releases))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, crypto, unseal, vault_paths, audit_impact);
 criterion_main!(benches);

@@ -13,6 +13,7 @@ use crate::keyring::{KdfParams, Keyring};
 use crate::ratelimit::RateLimiter;
 use crate::vault::{Ctx, IssueRequest, Vault};
 use clap::{Args, Parser, Subcommand};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -79,6 +80,9 @@ enum Command {
     /// The configuration in effect.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Sealed or serving, key epoch and next rotation, audit head and last
+    /// checkpoint, subjects, tokens and pending events (JSON).
+    Status,
     /// Load-benchmark baseline (`cargo bench --bench load`): the same TLS stack and
     /// accept loop answering `GET /v1/subjects/{id}` with a fixed JSON body; no
     /// token check, storage, crypto or audit. Needs an existing TLS cert and key.
@@ -151,6 +155,32 @@ enum AuditCmd {
         /// Only releases: allowed reads, batch reads and lookups.
         #[arg(long)]
         released: bool,
+        /// Only entries made with this token (its id, as `token list` shows it).
+        #[arg(long)]
+        token: Option<String>,
+        /// Only entries made by this caller.
+        #[arg(long)]
+        caller: Option<String>,
+        /// Only entries before this time (RFC 3339, a date, or an age).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// The breach question: which subjects and fields a token or caller received.
+    Impact {
+        /// The token's id.
+        #[arg(long, required_unless_present = "caller", conflicts_with = "caller")]
+        token: Option<String>,
+        /// The caller's name (all its tokens and grants).
+        #[arg(long)]
+        caller: Option<String>,
+        /// RFC 3339 time, a date (2026-11-01), or an age (30d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// `json`, or `table` (a short summary); default: table on a terminal, else JSON.
+        #[arg(long)]
+        format: Option<String>,
     },
 }
 
@@ -266,6 +296,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Backup { file } => backup(cfg, &file).await,
         Command::Restore { file } => restore(cfg, &file),
         Command::BenchBaseline { body_bytes } => bench_baseline(cfg, body_bytes).await,
+        Command::Status => status(&g, cfg).await,
         Command::Config(ConfigCmd::Show) => unreachable!("answered before the config is resolved"),
     }
 }
@@ -606,6 +637,22 @@ async fn token(g: &Global, cfg: Config, cmd: TokenCmd) -> CliResult {
     Ok(())
 }
 
+/// Through the running server when one answers; otherwise from the data
+/// directory, unsealed here only to count, and reported as `sealed` (no
+/// server holds the master key).
+async fn status(g: &Global, cfg: Config) -> CliResult {
+    let v = match remote(&cfg).await? {
+        Some(r) => r.call(reqwest::Method::GET, "/v1/admin/status", None, None).await?,
+        None => {
+            let mut st = local(g, cfg)?.status().map_err(|e| e.to_string())?;
+            st.sealed = true;
+            serde_json::to_value(st).map_err(|e| e.to_string())?
+        }
+    };
+    print_json(&v);
+    Ok(())
+}
+
 async fn events(g: &Global, cfg: Config, cmd: EventsCmd) -> CliResult {
     let remote = remote(&cfg).await?;
     let v = match cmd {
@@ -723,6 +770,51 @@ fn parse_since(s: &str) -> CliResult<u64> {
 
 fn audit(cfg: Config, cmd: AuditCmd) -> CliResult {
     match cmd {
+        AuditCmd::Impact {
+            token,
+            caller,
+            since,
+            until,
+            format,
+        } => {
+            let filter = crate::audit::ExportFilter {
+                since: since.map(|s| parse_since(&s)).transpose()?,
+                until: until.map(|s| parse_since(&s)).transpose()?,
+                token: token.clone(),
+                caller: caller.clone(),
+                ..Default::default()
+            };
+            let impact = crate::audit::impact(&cfg.data_dir, &filter).map_err(|e| e.to_string())?;
+            use std::io::IsTerminal;
+            let table = match format.as_deref() {
+                Some("table") => true,
+                Some("json") => false,
+                None => std::io::stdout().is_terminal(),
+                Some(other) => return Err(format!("--format {other:?}: json or table")),
+            };
+            if !table {
+                let who = json!({"token": token, "caller": caller});
+                let mut v = serde_json::to_value(&impact).map_err(|e| e.to_string())?;
+                v["query"] = who;
+                print_json(&v);
+                return Ok(());
+            }
+            let who = token
+                .map(|t| format!("token {t}"))
+                .or(caller.map(|c| format!("caller {c}")));
+            println!(
+                "{}: {} releases of {} subjects, {} to {}",
+                who.unwrap_or_default(),
+                impact.releases,
+                impact.subjects.len(),
+                impact.first.as_deref().unwrap_or("-"),
+                impact.last.as_deref().unwrap_or("-")
+            );
+            for (field, n) in &impact.fields {
+                println!("  {field:<14} {n} subjects");
+            }
+            Ok(())
+        }
         AuditCmd::Verify => {
             // Without the public key no signature can be checked: that is a
             // failure, never "intact".
@@ -755,13 +847,18 @@ fn audit(cfg: Config, cmd: AuditCmd) -> CliResult {
             subject,
             field,
             released,
+            token,
+            caller,
+            until,
         } => {
-            let since = since.map(|s| parse_since(&s)).transpose()?;
             let filter = crate::audit::ExportFilter {
-                since,
+                since: since.map(|s| parse_since(&s)).transpose()?,
+                until: until.map(|s| parse_since(&s)).transpose()?,
                 subject,
                 field,
                 released,
+                token,
+                caller,
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             crate::audit::export(&cfg.data_dir, &filter, &mut out).map_err(|e| e.to_string())?;

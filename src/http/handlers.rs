@@ -438,6 +438,14 @@ pub async fn retry_event(State(st): S, c: Caller, Path(id): Path<String>) -> Api
     Ok(json_response(StatusCode::OK, &json!({"id": id, "requeued": requeued})))
 }
 
+pub async fn status(State(st): S, c: Caller) -> ApiResult {
+    let status = st.vault.admin_status(&c.ctx, &c.auth).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::to_value(status).expect("json"),
+    ))
+}
+
 pub async fn rotate_kek(State(st): S, c: Caller) -> ApiResult {
     let (epoch, rewrapped) = st.vault.admin_rotate(&c.ctx, &c.auth).await?;
     Ok(json_response(

@@ -79,6 +79,7 @@ fn action_of(method: &axum::http::Method, route: &str) -> &'static str {
         ("GET", "/v1/admin/events") => "events_list",
         ("POST", "/v1/admin/events/{id}/retry") => "events_retry",
         ("GET", "/v1/admin/backup") => "backup",
+        ("GET", "/v1/admin/status") => "status",
         ("POST", "/v1/subjects/{id}/self-service-links") => "self_service_link",
         ("POST", "/v1/self/session") => "self_session",
         ("GET", "/self" | "/self/" | "/self/{*path}") => "self_page",
@@ -207,6 +208,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/events", get(list_events))
         .route("/v1/admin/events/{id}/retry", post(retry_event))
         .route("/v1/admin/backup", get(backup))
+        .route("/v1/admin/status", get(status))
         .route("/v1/subjects/{id}/self-service-links", post(self_service_link))
         .route("/v1/self/session", post(self_session))
         .route("/self", get(selfpage::redirect))
@@ -248,6 +250,7 @@ mod tests {
             ("/v1/admin/events/{id}/retry", "post"),
             ("/v1/admin/rotate-kek", "post"),
             ("/v1/admin/backup", "get"),
+            ("/v1/admin/status", "get"),
             ("/metrics", "get"),
             ("/v1/subjects/{id}/self-service-links", "post"),
             ("/v1/self/session", "post"),
@@ -259,6 +262,6 @@ mod tests {
                 "{method} {path} missing from openapi.json"
             );
         }
-        assert_eq!(doc["paths"].as_object().unwrap().len(), 22);
+        assert_eq!(doc["paths"].as_object().unwrap().len(), 23);
     }
 }

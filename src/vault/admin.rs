@@ -417,6 +417,39 @@ impl Vault {
         Ok(n)
     }
 
+    /// `pdvault status` / `GET /v1/admin/status` (admin, audited).
+    pub async fn admin_status(&self, ctx: &Ctx, auth: &Authenticated) -> Result<Status> {
+        self.admin(ctx, auth, "status").await?;
+        self.record(vec![self.draft(ctx, Some(auth), "status", None, vec![], None)])
+            .await?;
+        self.status()
+    }
+
+    /// What the operator asks first: is it serving, which key epoch, when the
+    /// next rotation is due, the audit head and its last signed checkpoint,
+    /// and how much it holds. Counting walks the subject and token trees.
+    pub fn status(&self) -> Result<Status> {
+        let (seq, hash) = self.audit.head();
+        let last_rotation = self.keyring.last_rotation_at();
+        let pending = crate::events::depth(&self.store, &self.cfg.events)?;
+        Ok(Status {
+            sealed: false,
+            key_epoch: self.keyring.current_epoch(),
+            rotation_in_progress: self.keyring.rotation().map(|r| r.target),
+            last_rotation_at: rfc3339(last_rotation),
+            next_rotation_at: rfc3339(last_rotation.saturating_add(self.cfg.keys.rotate_every.as_secs())),
+            audit_head: StatusHead { seq, hash },
+            last_checkpoint: self
+                .audit
+                .last_checkpoint()
+                .map(|c| StatusCheckpoint { seq: c.seq, at: c.at }),
+            subjects: self.store.subjects.len() as u64,
+            erased: self.store.erased.len() as u64,
+            tokens: self.store.tokens.len() as u64,
+            events_pending: pending.iter().map(|(_, n, _)| n).sum(),
+        })
+    }
+
     /// Sets the queue gauges (before each scrape).
     pub fn refresh_event_metrics(&self) -> Result<()> {
         let q = crate::events::depth(&self.store, &self.cfg.events)?;
@@ -495,3 +528,37 @@ fn split_dn(s: &str) -> Vec<&str> {
 
 /// At most this many events in one listing (the oldest first).
 const EVENTS_LISTED: usize = 1000;
+
+/// The vault's state at a glance (no personal value, no secret).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// False while a server holds the master key unsealed and serves.
+    pub sealed: bool,
+    pub key_epoch: u32,
+    /// The epoch a rotation under way moves to.
+    pub rotation_in_progress: Option<u32>,
+    pub last_rotation_at: String,
+    /// `last_rotation_at` + `keys.rotate_every`.
+    pub next_rotation_at: String,
+    pub audit_head: StatusHead,
+    pub last_checkpoint: Option<StatusCheckpoint>,
+    pub subjects: u64,
+    /// Erasure markers kept (receipts on record).
+    pub erased: u64,
+    /// Tokens on record, revoked and expired ones included.
+    pub tokens: u64,
+    /// Deliveries not yet made, over all subscribers.
+    pub events_pending: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StatusHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StatusCheckpoint {
+    pub seq: u64,
+    pub at: String,
+}

@@ -1,0 +1,170 @@
+//! The operator's questions, asked the way an operator asks them:
+//! `pdvault status` (through the server and offline) and the breach
+//! question `pdvault audit impact` (with `audit export --token/--caller`).
+
+mod common;
+
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn run(s: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = s
+        .cmd()
+        .args(args)
+        .env("PDVAULT_TOKEN", s.admin.trim())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(s: &Server, args: &[&str]) -> Value {
+    let (ok, out, err) = run(&s, args);
+    assert!(ok, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+}
+
+#[tokio::test]
+async fn status_reports_epoch_audit_head_and_counts_online_and_offline() {
+    let mut s = Server::start().await;
+    let w = s
+        .token("shop", &["order", "erasure"], &["read", "write", "erase"])
+        .await;
+    let a = s.create(&w, full_subject()).await;
+    let _b = s.create(&w, full_subject()).await;
+    let r = s
+        .call(Method::DELETE, &format!("/v1/subjects/{a}"), &w, Some("erasure"), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let st = json_of(&s, &["status"]);
+    assert_eq!(st["sealed"], false, "{st}");
+    assert_eq!((&st["subjects"], &st["erased"]), (&json!(1), &json!(1)), "{st}");
+    // The dev admin token and the shop's.
+    assert_eq!(st["tokens"], 2, "{st}");
+    assert_eq!(st["events_pending"], 0);
+    let epoch = st["key_epoch"].as_u64().unwrap();
+    assert!(st["audit_head"]["seq"].as_u64().unwrap() > 0);
+    assert!(
+        st["last_checkpoint"]["seq"].is_u64(),
+        "the start signs a checkpoint: {st}"
+    );
+    assert!(st["next_rotation_at"].as_str().unwrap() > st["last_rotation_at"].as_str().unwrap());
+
+    // The same through the API, for admins only.
+    let r = s.get("/v1/admin/status", &s.admin.clone(), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["subjects"], 1);
+    let r = s.get("/v1/admin/status", &w, None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(r.body["code"], "capability_missing");
+
+    let (ok, _, err) = run(&s, &["rotate-kek"]);
+    assert!(ok, "{err}");
+    let st = json_of(&s, &["status"]);
+    assert_eq!(st["key_epoch"].as_u64().unwrap(), epoch + 1, "{st}");
+
+    // Offline: no server holds the key, so it says sealed, and still counts.
+    s.stop();
+    let st = json_of(&s, &["status"]);
+    assert_eq!(st["sealed"], true, "{st}");
+    assert_eq!((&st["subjects"], &st["erased"]), (&json!(1), &json!(1)), "{st}");
+}
+
+#[tokio::test]
+async fn audit_impact_answers_which_subjects_and_fields_a_token_or_caller_received() {
+    let s = Server::start().await;
+    let w = s.token("shop", &["order"], &["write"]).await;
+    let (courier, courier_id) = s.token_with_id("courier-a", &["delivery"], &["read"]).await;
+    let (courier2, _) = s.token_with_id("courier-a", &["delivery"], &["read"]).await;
+    let (other, other_id) = s.token_with_id("courier-b", &["delivery"], &["read"]).await;
+    let ids: Vec<String> = futures_util::future::join_all((0..3).map(|_| s.create(&w, full_subject()))).await;
+
+    let s = &s;
+    let read = |tok: &str, id: &str, fields: &str| {
+        let path = format!("/v1/subjects/{id}?fields={fields}");
+        let tok = tok.to_owned();
+        async move { s.get(&path, &tok, Some("delivery")).await.status.as_u16() }
+    };
+    assert_eq!(read(&courier, &ids[0], "surname,phone").await, 200);
+    assert_eq!(read(&courier, &ids[0], "address").await, 200);
+    assert_eq!(read(&courier, &ids[1], "phone").await, 200);
+    // Refused: released nothing, so it is no part of the impact.
+    assert_eq!(read(&courier, &ids[2], "email").await, 403);
+    assert_eq!(read(&courier2, &ids[2], "given_name").await, 200);
+    assert_eq!(read(&other, &ids[2], "address").await, 200);
+
+    let v = json_of(s, &["audit", "impact", "--token", &courier_id, "--format", "json"]);
+    assert_eq!(v["releases"], 3, "{v}");
+    let subjects = v["subjects"].as_array().unwrap();
+    assert_eq!(subjects.len(), 2, "{v}");
+    let first = subjects.iter().find(|x| x["subject"] == ids[0].as_str()).unwrap();
+    assert_eq!(first["fields"], json!(["address", "phone", "surname"]));
+    assert_eq!(first["releases"], 2);
+    assert!(first["first"].as_str().unwrap() <= first["last"].as_str().unwrap());
+    assert_eq!(v["fields"], json!({"address": 1, "phone": 2, "surname": 1}));
+    assert!(!v.to_string().contains("Ivanova"), "values never appear: {v}");
+
+    // By caller: both of courier-a's tokens, never courier-b's reads.
+    let v = json_of(s, &["audit", "impact", "--caller", "courier-a", "--format", "json"]);
+    assert_eq!(v["releases"], 4, "{v}");
+    assert_eq!(v["subjects"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        v["fields"]["address"], 1,
+        "courier-b's address read is not courier-a's: {v}"
+    );
+
+    // A window after everything: nothing.
+    let v = json_of(
+        &s,
+        &[
+            "audit",
+            "impact",
+            "--token",
+            &other_id,
+            "--since",
+            "2999-01-01",
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(v["releases"], 0, "{v}");
+    let v = json_of(
+        s,
+        &[
+            "audit",
+            "impact",
+            "--token",
+            &other_id,
+            "--until",
+            "2000-01-01",
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(v["releases"], 0, "{v}");
+
+    // The short table.
+    let (ok, table, err) = run(s, &["audit", "impact", "--token", &courier_id, "--format", "table"]);
+    assert!(ok, "{err}");
+    assert!(table.contains("3 releases of 2 subjects"), "{table}");
+    assert!(table.contains("phone") && table.contains("2 subjects"), "{table}");
+
+    // export --token: only that token's entries (its refusal included).
+    let (ok, lines, err) = run(s, &["audit", "export", "--token", &courier_id]);
+    assert!(ok, "{err}");
+    let entries: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(entries.len(), 4, "{lines}");
+    assert!(entries.iter().all(|e| e["token_id"] == courier_id.as_str()));
+    let (ok, lines, _) = run(s, &["audit", "export", "--caller", "courier-b", "--released"]);
+    assert!(ok);
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+
+    // Neither --token nor --caller: refused by the parser.
+    let (ok, _, err) = run(s, &["audit", "impact"]);
+    assert!(!ok && err.contains("--token"), "{err}");
+}
