@@ -23,7 +23,7 @@ fn run(s: &Server, args: &[&str]) -> (bool, String, String) {
 }
 
 fn json_of(s: &Server, args: &[&str]) -> Value {
-    let (ok, out, err) = run(&s, args);
+    let (ok, out, err) = run(s, args);
     assert!(ok, "{args:?}: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
 }
