@@ -120,7 +120,7 @@ async fn audit_impact_answers_which_subjects_and_fields_a_token_or_caller_receiv
 
     // A window after everything: nothing.
     let v = json_of(
-        &s,
+        s,
         &[
             "audit",
             "impact",
