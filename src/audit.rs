@@ -529,6 +529,16 @@ pub fn read_anchor(keys_dir: &Path) -> Option<Checkpoint> {
 /// keys directory: the log and the checkpoint file must both still reach it,
 /// so neither a cut tail nor a removed checkpoint goes unnoticed.
 pub fn verify(data_dir: &Path, public_key: &[u8; 32], anchor: Option<&Checkpoint>) -> Result<Verdict> {
+    verify_reporting(data_dir, public_key, anchor, &mut |_| {})
+}
+
+/// `verify`, telling `read(bytes)` of every line it has checked.
+pub fn verify_reporting(
+    data_dir: &Path,
+    public_key: &[u8; 32],
+    anchor: Option<&Checkpoint>,
+    read: &mut dyn FnMut(u64),
+) -> Result<Verdict> {
     use base64::Engine;
     let sig_ok = |msg: &[u8], sig: &str| {
         let sig = base64::engine::general_purpose::STANDARD
@@ -581,6 +591,7 @@ pub fn verify(data_dir: &Path, public_key: &[u8; 32], anchor: Option<&Checkpoint
             break;
         }
         line_no += 1;
+        read(buf.len() as u64);
         if buf.last() != Some(&b'\n') {
             torn_tail = true;
             break;

@@ -10,6 +10,7 @@ use crate::devkeys::{self, ADMIN_TOKEN, DEV_PASSPHRASE};
 use crate::fsutil::read_secret_file;
 use crate::http::{self, AppState};
 use crate::keyring::{KdfParams, Keyring};
+use crate::progress::{Progress, Unit};
 use crate::ratelimit::RateLimiter;
 use crate::vault::{Ctx, IssueRequest, Vault};
 use clap::{Args, Parser, Subcommand};
@@ -740,15 +741,29 @@ async fn shred(g: &Global, cfg: Config, id: &str) -> CliResult {
 async fn rotate(g: &Global, cfg: Config) -> CliResult {
     let v = match remote(&cfg).await? {
         Some(r) => {
-            r.call(reqwest::Method::POST, "/v1/admin/rotate-kek", None, None)
-                .await?
+            // The server does the work: a spinner while it runs.
+            let bar = Progress::start("rotate-kek (on the server)", None, Unit::Keys);
+            let v = r
+                .call(reqwest::Method::POST, "/v1/admin/rotate-kek", None, None)
+                .await?;
+            bar.finish(&format!(
+                "epoch {}, {} data keys re-wrapped",
+                v["epoch"], v["rewrapped"]
+            ));
+            v
         }
         None => {
             let v = local(g, cfg)?;
+            let bar = Progress::start("rotate-kek", Some(0), Unit::Keys);
+            let report = |done, total| {
+                bar.set_total(total);
+                bar.set(done);
+            };
             let (epoch, rewrapped) = v
-                .admin_rotate(&local_ctx(None), &Vault::local_operator())
+                .admin_rotate_reporting(&local_ctx(None), &Vault::local_operator(), &report)
                 .await
                 .map_err(|e| e.to_string())?;
+            bar.finish(&format!("epoch {epoch}, {rewrapped} data keys re-wrapped"));
             serde_json::json!({"epoch": epoch, "rewrapped": rewrapped})
         }
     };
@@ -822,7 +837,11 @@ fn audit(cfg: Config, cmd: AuditCmd) -> CliResult {
                 format!("cannot check the audit log's signatures: the receipt key cannot be read ({e})")
             })?;
             let anchor = crate::audit::read_anchor(&cfg.keys.dir);
-            match crate::audit::verify(&cfg.data_dir, &pk, anchor.as_ref()).map_err(|e| e.to_string())? {
+            let len = std::fs::metadata(crate::audit::AuditLog::log_path(&cfg.data_dir)).map(|m| m.len());
+            let bar = Progress::start("audit verify", len.ok(), Unit::Bytes);
+            let verdict = crate::audit::verify_reporting(&cfg.data_dir, &pk, anchor.as_ref(), &mut |n| bar.add(n));
+            bar.finish("checked");
+            match verdict.map_err(|e| e.to_string())? {
                 crate::audit::Verdict::Intact {
                     entries,
                     checkpoints,
@@ -896,21 +915,41 @@ async fn backup(cfg: Config, file: &Path) -> CliResult {
     let mut f = crate::fsutil::create_private(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut n = 0u64;
     use std::io::Write;
+    let bar = Progress::start("backup", resp.content_length(), Unit::Bytes);
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         f.write_all(&chunk).map_err(|e| e.to_string())?;
         n += chunk.len() as u64;
+        bar.add(chunk.len() as u64);
     }
     f.sync_all().map_err(|e| e.to_string())?;
     std::fs::rename(&tmp, file).map_err(|e| e.to_string())?;
-    eprintln!("pdvault: backup written to {} ({n} bytes)", file.display());
+    bar.finish(&format!("written to {} ({n} bytes)", file.display()));
     Ok(())
 }
 
 fn restore(cfg: Config, file: &Path) -> CliResult {
-    let mut f = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?);
+    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let len = f.metadata().map(|m| m.len()).ok();
+    let bar = Progress::start("restore", len, Unit::Bytes);
+    let mut f = std::io::BufReader::new(ReadCounted { inner: f, bar: &bar });
     let report = crate::vault::restore(&cfg, &mut f).map_err(|e| e.to_string())?;
+    bar.finish(&format!("{} read", file.display()));
     print_json(&report);
     Ok(())
+}
+
+/// A reader that moves a progress bar by the bytes it reads.
+struct ReadCounted<'a, R> {
+    inner: R,
+    bar: &'a Progress,
+}
+
+impl<R: std::io::Read> std::io::Read for ReadCounted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.add(n as u64);
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

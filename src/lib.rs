@@ -22,6 +22,7 @@ pub mod keyring;
 pub mod ledger;
 pub mod metrics;
 pub mod policy;
+pub mod progress;
 pub mod ratelimit;
 pub mod receipt;
 pub mod release;

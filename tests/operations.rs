@@ -168,3 +168,69 @@ async fn audit_impact_answers_which_subjects_and_fields_a_token_or_caller_receiv
     let (ok, _, err) = run(s, &["audit", "impact"]);
     assert!(!ok && err.contains("--token"), "{err}");
 }
+
+#[tokio::test]
+async fn long_commands_draw_a_bar_on_a_terminal_and_plain_lines_otherwise() {
+    let mut s = Server::start().await;
+    let w = s.token("shop", &["order"], &["write"]).await;
+    for _ in 0..3 {
+        s.create(&w, full_subject()).await;
+    }
+    let backup = s.dir.path().join("b.backup");
+    let (ok, _, err) = run(&s, &["backup", backup.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("pdvault: backup: started") && err.contains("pdvault: backup: written to"),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\r') && !err.contains('\u{1b}'),
+        "no bar drawing off a terminal: {err:?}"
+    );
+    s.stop();
+
+    // Offline, on a terminal (a pseudo-terminal made by util-linux `script`).
+    let mut cmd = s.cmd();
+    cmd.args(["rotate-kek"]);
+    let args: Vec<String> = std::iter::once(BIN.to_string())
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .map(|a| format!("'{a}'"))
+        .collect();
+    let out = std::process::Command::new("script")
+        .args(["-qec", &args.join(" "), "/dev/null"])
+        .env_remove("PDVAULT_TOKEN")
+        .output()
+        .expect("util-linux `script` (Debian's bsdutils, an essential package) runs the pty test");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("rotate-kek [") && tty.contains("data keys"),
+        "no bar on a terminal: {tty:?}"
+    );
+    assert!(tty.contains("pdvault: rotate-kek: epoch"), "{tty:?}");
+
+    // Restore and verify, off a terminal: one line at the start, one at the end.
+    let fresh = s.dir.path().join("restored");
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&s.config)
+        .arg("--data-dir")
+        .arg(&fresh)
+        .arg("--keys-dir")
+        .arg(s.keys_dir())
+        .args(["restore", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("pdvault: restore: started") && err.contains("pdvault: restore: "),
+        "{err}"
+    );
+    let (ok, _, err) = run(&s, &["audit", "verify"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("pdvault: audit verify: started") && err.contains("pdvault: audit verify: checked"),
+        "{err}"
+    );
+}

@@ -265,6 +265,12 @@ impl Vault {
     /// re-wrapped under it, then retired epochs past retention destroyed.
     /// Resumable: an interrupted rotation is finished by the next call.
     pub async fn rotate_kek(&self) -> Result<(u32, u64)> {
+        self.rotate_kek_reporting(&|_, _| {}).await
+    }
+
+    /// `rotate_kek`, telling `progress(scanned, total)` how far the re-wrap
+    /// pass over the wrapped data keys has come.
+    pub async fn rotate_kek_reporting(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<(u32, u64)> {
         let _r = self.rotation.lock().await;
         let now = now_secs();
         // Writers wrap data keys under the current epoch while holding the
@@ -284,8 +290,13 @@ impl Vault {
         let abort_after = crate::faults::rotate_abort_after();
         let mut rewrapped = 0u64;
         let mut since_flush = 0;
+        let (total, mut scanned) = (self.keystore.keys.len() as u64, 0u64);
         for kv in self.keystore.keys.iter() {
             let (k, v) = kv?;
+            scanned += 1;
+            if scanned % 256 == 0 {
+                progress(scanned, total);
+            }
             let w: WrappedKey = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt wrapped key"))?;
             if w.epoch >= rot.target {
                 continue;
@@ -325,6 +336,7 @@ impl Vault {
                 std::process::abort();
             }
         }
+        progress(scanned, total);
         self.keystore.flusher.sync().await?;
         self.keyring
             .finish_rotation(now_secs())
@@ -351,10 +363,19 @@ impl Vault {
     }
 
     pub async fn admin_rotate(&self, ctx: &Ctx, auth: &Authenticated) -> Result<(u32, u64)> {
+        self.admin_rotate_reporting(ctx, auth, &|_, _| {}).await
+    }
+
+    pub async fn admin_rotate_reporting(
+        &self,
+        ctx: &Ctx,
+        auth: &Authenticated,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(u32, u64)> {
         self.admin(ctx, auth, "rotate_kek").await?;
         self.record(vec![self.draft(ctx, Some(auth), "rotate_kek", None, vec![], None)])
             .await?;
-        self.rotate_kek().await
+        self.rotate_kek_reporting(progress).await
     }
 
     /// Writes a consistent snapshot of the data directory's trees to `out`.
