@@ -760,6 +760,76 @@ async fn silent_connections_are_closed_and_capped_per_address() {
     assert_eq!(s.get("/v1/health", "", None).await.status, 200);
 }
 
+/// Reads one HTTP/1.1 answer with no body framing tricks (health is small).
+async fn read_answer(c: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"status\"") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+            .await
+            .expect("an answer")
+            .expect("read");
+        assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_lives_for_the_idle_timeout_and_slow_headers_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let edit = |c: String| {
+        c.replace("header_read_timeout = \"10s\"", "header_read_timeout = \"1s\"")
+            .replace("idle_timeout = \"60s\"", "idle_timeout = \"5s\"")
+    };
+    let s = Server::start_with(Some(&edit), vec![]).await;
+    const GET: &[u8] = b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    // A pooled connection, quiet between two requests for longer than the
+    // header deadline but less than the idle timeout, is still served (the
+    // deadline counts from a request's first byte, not from the last answer).
+    let mut c = tls_connect(&s).await.unwrap();
+    c.write_all(GET).await.unwrap();
+    assert!(read_answer(&mut c).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.write_all(GET).await.unwrap();
+    assert!(
+        read_answer(&mut c).await.starts_with("HTTP/1.1 200"),
+        "the idle keep-alive connection was cut"
+    );
+
+    // Slow headers: a byte every 200 ms keeps the connection from being idle,
+    // yet the head must be whole within header_read_timeout.
+    let mut c = tls_connect(&s).await.unwrap();
+    let started = Instant::now();
+    c.write_all(b"GET /v1/health HTTP/1.1\r\n").await.unwrap();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(4) {
+        if c.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut b = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(200), c.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        closed,
+        "trickled headers kept a connection open for {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "cut only after {:?}",
+        started.elapsed()
+    );
+}
+
 // ----- 14. one caller's wrong tokens never lock out another -------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,12 +143,18 @@ struct IdleIo<T> {
     activity: Arc<Activity>,
 }
 
-/// The last I/O of a connection and the requests it has in flight.
+/// The last I/O of a connection, the requests it has in flight, and since
+/// when the head of the next request has been arriving.
 struct Activity {
     start: std::time::Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Milliseconds since `start` of the first byte read while no request
+    /// was in flight (a request's head under way); `NO_HEAD` when none.
+    head_since_ms: AtomicU64,
 }
+
+const NO_HEAD: u64 = u64::MAX;
 
 impl Activity {
     fn new() -> Self {
@@ -156,11 +162,34 @@ impl Activity {
             start: std::time::Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            head_since_ms: AtomicU64::new(NO_HEAD),
         }
     }
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
     fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    /// Bytes came in: with no request in flight they begin a request's head.
+    fn read_some(&self) {
+        self.touch();
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let _ = self
+                .head_since_ms
+                .compare_exchange(NO_HEAD, self.now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+    /// The head was read whole: the request is in the service's hands.
+    fn request_started(&self) {
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+    /// How long the head of the next request has been arriving, if it has.
+    fn head_for(&self) -> Option<std::time::Duration> {
+        let since = self.head_since_ms.load(Ordering::Relaxed);
+        (since != NO_HEAD && self.in_flight.load(Ordering::Relaxed) == 0)
+            .then(|| std::time::Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
     fn idle_for(&self) -> std::time::Duration {
         let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
@@ -173,7 +202,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.read_some();
         }
         r
     }
@@ -296,18 +325,24 @@ pub async fn serve(
                 let app = app.clone();
                 let act = in_svc.clone();
                 async move {
-                    act.in_flight.fetch_add(1, Ordering::Relaxed);
+                    act.request_started();
                     let r = app.oneshot(req.map(axum::body::Body::new)).await;
                     act.in_flight.fetch_sub(1, Ordering::Relaxed);
                     act.touch();
                     r
                 }
             });
+            // HTTP/2 streams carry their heads in one frame; the head deadline
+            // is HTTP/1's (slow headers), checked below from the first byte of
+            // each request, so that an idle keep-alive connection lives for
+            // `idle_timeout` (hyper's own timer would cut it after
+            // `header_read_timeout` of waiting; it stays as a backstop).
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
+                .header_read_timeout(header_timeout.max(idle_timeout))
                 // Room past our own limit, so that too many headers get our
                 // problem+json 431 and not hyper's bare one.
                 .max_headers(super::MAX_HEADERS * 2);
@@ -320,8 +355,8 @@ pub async fn serve(
             };
             let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned());
             tokio::pin!(conn);
-            let check =
-                (idle_timeout / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(5));
+            let check = (idle_timeout.min(header_timeout) / 4)
+                .clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(5));
             loop {
                 tokio::select! {
                     r = &mut conn => {
@@ -333,6 +368,10 @@ pub async fn serve(
                     _ = tokio::time::sleep(check) => {
                         if activity.in_flight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle_timeout {
                             tracing::debug!(%peer, "connection closed: idle");
+                            break;
+                        }
+                        if !h2 && activity.head_for().is_some_and(|t| t >= header_timeout) {
+                            tracing::debug!(%peer, "connection closed: request headers too slow");
                             break;
                         }
                     }
