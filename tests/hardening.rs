@@ -830,6 +830,36 @@ async fn keep_alive_lives_for_the_idle_timeout_and_slow_headers_are_cut() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_refused_before_it_is_read_is_drained_and_the_answer_arrives() {
+    use tokio::io::AsyncWriteExt;
+    let s = Server::start().await;
+    // A 3 MiB batch under a wrong token: refused (401) before the body is
+    // read. The client still sends all of it, then reads the answer, then
+    // uses the same connection again.
+    let body = format!(
+        r#"{{"subjects":[{{"fields":{{"surname":"{}"}}}}]}}"#,
+        "x".repeat(3 << 20)
+    );
+    let head = format!(
+        "POST /v1/subjects:batchCreate HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer pdv_wrong\r\n\
+         X-Purpose: order\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut c = tls_connect(&s).await.unwrap();
+    c.write_all(head.as_bytes()).await.unwrap();
+    c.write_all(body.as_bytes())
+        .await
+        .expect("the server reset the connection under the body");
+    let answer = read_answer(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("token_invalid"), "{answer}");
+    c.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_answer(&mut c).await.starts_with("HTTP/1.1 200"));
+}
+
 // ----- 14. one caller's wrong tokens never lock out another -------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,10 +130,13 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
+/// The most of an unwanted body read (and dropped) before an answer, so that
+/// the client reads the answer instead of a reset connection.
+pub const DRAIN_MAX: usize = 16 << 20;
+
 /// Reads at most `limit` bytes; past it, drains (bounded) and answers 413 so
 /// that the client reads the answer instead of a reset connection.
 pub async fn read_capped(body: Body, limit: usize) -> Result<Zeroizing<Vec<u8>>, ApiError> {
-    const DRAIN_MAX: usize = 16 << 20;
     let mut body = body;
     // The body holds personal values: our copy is wiped when dropped.
     // Sized from Content-Length (up to the cap) so that it never grows: a

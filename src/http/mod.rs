@@ -51,6 +51,62 @@ impl LogSlot {
     }
 }
 
+/// The request body, shared between the handler and the middleware, so that
+/// what a handler left unread (a refusal decided before the body: a bad
+/// token, a missing header) can be drained after it answered. Otherwise the
+/// connection is closed under a client still sending, which it sees as a
+/// reset instead of the answer.
+struct SharedBody(Arc<std::sync::Mutex<Option<axum::body::Body>>>);
+
+impl axum::body::HttpBody for SharedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(body) = inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let r = std::pin::Pin::new(body).poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None)) {
+            *inner = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_else(|| hyper::body::SizeHint::with_exact(0))
+    }
+}
+
+/// Reads and drops what is left of a body, up to `extract::DRAIN_MAX` bytes
+/// and for at most 5 seconds; past either the connection is closed.
+async fn drain(mut body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut total = 0usize;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total > extract::DRAIN_MAX {
+                break;
+            }
+        }
+    }
+}
+
 /// The problem `code` of an error answer, for the request log.
 #[derive(Clone)]
 pub struct ProblemCode(pub String);
@@ -120,10 +176,17 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| "(unmatched)".into());
     let started = std::time::Instant::now();
+    let (parts, body) = req.into_parts();
+    let unread = Arc::new(std::sync::Mutex::new(Some(body)));
+    let req = Request::from_parts(parts, axum::body::Body::new(SharedBody(unread.clone())));
     let mut resp = match oversized(&req) {
         Some(r) => r,
         None => next.run(req).await,
     };
+    let left = unread.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(body) = left.filter(|b| !axum::body::HttpBody::is_end_stream(b)) {
+        drain(body).await;
+    }
     resp.headers_mut()
         .insert("x-request-id", HeaderValue::from_str(&id).expect("validated ascii"));
     // No answer is to be sniffed into another type or to leak its URL.
