@@ -611,7 +611,8 @@ impl FileConfig {
                     .collect();
                 match named.is_empty() {
                     true => parse(e.to_string()),
-                    false => parse(format!("{e} (set by {})", named.join(", "))),
+                    // Not the file's fault: no file path in front of it.
+                    false => ConfigError::Invalid(format!("environment: {e} (set by {})", named.join(", "))),
                 }
             })?;
         if let Some(l) = &ov.listen {
@@ -638,7 +639,11 @@ impl Config {
     /// TOML, every layer applied and checked, secrets redacted.
     pub fn show(path: &Path, ov: &Overrides) -> Result<String, ConfigError> {
         let file = Self::layers_at(path, ov)?;
-        Self::resolve(file.clone()).map_err(|e| at_path(e, path))?;
+        // Checked as it would run, except that a backend this build cannot
+        // serve is still shown: `show` is how one prepares for it.
+        let mut checked = file.clone();
+        checked.storage.backend = Backend::Sled;
+        Self::resolve(checked).map_err(|e| at_path(e, path))?;
         let mut v = toml::Value::try_from(&file).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         redact(&mut v, "");
         toml::to_string(&v).map_err(|e| ConfigError::Invalid(e.to_string()))

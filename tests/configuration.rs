@@ -59,6 +59,8 @@ async fn an_unknown_variable_stops_the_start_by_name_and_touches_nothing() {
         let (_, err) = text(&out);
         assert!(!out.status.success(), "{var}: started anyway");
         assert!(err.contains(var), "{var}: the error does not name it: {err}");
+        let file = config_path().display().to_string();
+        assert!(!err.contains(&file), "{var}: the error blames the file: {err}");
         assert!(!dir.path().join("data").exists() && !dir.path().join("keys").exists());
     }
 }
@@ -76,6 +78,7 @@ async fn config_show_prints_every_layer_with_secrets_redacted() {
             "postgresql://pdvault:s3cr3t-pw@db.internal:5432/pdvault",
         )
         .env("PDVAULT_KEYS__ROTATE_EVERY", "12h")
+        .env("PDVAULT_STORAGE__BACKEND", "postgres")
         .output()
         .unwrap();
     let (show, err) = text(&out);
@@ -84,6 +87,8 @@ async fn config_show_prints_every_layer_with_secrets_redacted() {
     assert!(show.contains("public_url = \"https://vault.example.kz\""), "{show}");
     assert!(show.contains("rotate_every = \"12h\""), "{show}");
     assert!(show.contains("[purposes.delivery]"), "{show}");
+    // Shown although this build would refuse to serve it.
+    assert!(show.contains("backend = \"postgres\""), "{show}");
     assert!(!show.contains("s3cr3t-pw"), "a password was printed: {show}");
     assert!(show.contains("pdvault:REDACTED@db.internal"), "{show}");
     // A bad layer is refused by show too, naming it.
