@@ -713,12 +713,22 @@ impl ExportFilter {
 }
 
 /// Every entry of the log the filter keeps, in order, with its raw line.
-fn scan(data_dir: &Path, filter: &ExportFilter, mut each: impl FnMut(&str, AuditEntry) -> Result<()>) -> Result<()> {
+fn scan(data_dir: &Path, filter: &ExportFilter, each: impl FnMut(&str, AuditEntry) -> Result<()>) -> Result<()> {
+    scan_where(data_dir, filter, |line| filter.may_keep(line), each)
+}
+
+/// `scan`, with the raw-line pre-filter given.
+fn scan_where(
+    data_dir: &Path,
+    filter: &ExportFilter,
+    mut may_keep: impl FnMut(&str) -> bool,
+    mut each: impl FnMut(&str, AuditEntry) -> Result<()>,
+) -> Result<()> {
     let path = AuditLog::log_path(data_dir);
     let f = File::open(&path).map_err(|e| VaultError::Internal(format!("{}: {e}", path.display())))?;
     for line in BufReader::with_capacity(1 << 20, f).lines() {
         let line = line?;
-        if !filter.may_keep(&line) {
+        if !may_keep(&line) {
             continue;
         }
         let Ok(e) = serde_json::from_str::<AuditEntry>(&line) else {
@@ -745,8 +755,13 @@ pub fn export(data_dir: &Path, filter: &ExportFilter, out: &mut dyn Write) -> Re
 
 /// The breach question: which subjects, and which of their fields, a token
 /// or a caller received (allowed releases only), how often, first and last.
+/// A token's answer includes the tokens minted with it (grants, and for an
+/// admin token the tokens it issued), found in the log as it is read: whoever
+/// holds the token could have used them too.
 #[derive(Debug, Default, Serialize)]
 pub struct Impact {
+    /// The token asked about and those minted with it (empty for a caller).
+    pub tokens: Vec<String>,
     pub releases: u64,
     pub subjects: Vec<SubjectImpact>,
     /// Field name to how many subjects had it released.
@@ -767,13 +782,28 @@ pub struct SubjectImpact {
 /// Answers the breach question over the log (a streaming scan: measured at
 /// about a second per million entries, `benches/micro.rs` `audit_impact`).
 pub fn impact(data_dir: &Path, filter: &ExportFilter) -> Result<Impact> {
+    // The token test is made here, over the growing set; the filter keeps
+    // the rest (window, caller). Minting entries pass it so that they are seen.
+    let tokens = std::cell::RefCell::new(filter.token.iter().cloned().collect::<std::collections::BTreeSet<String>>());
     let filter = ExportFilter {
-        released: true,
+        token: None,
         ..filter.clone()
     };
+    let following = !tokens.borrow().is_empty();
     let mut by_subject: BTreeMap<String, (std::collections::BTreeSet<String>, u64, String, String)> = BTreeMap::new();
     let mut out = Impact::default();
-    scan(data_dir, &filter, |_, e| {
+    let may_keep = |line: &str| filter.may_keep(line) && (!following || tokens.borrow().iter().any(|t| line.contains(t.as_str())));
+    scan_where(data_dir, &filter, may_keep, |_, e| {
+        let ours = !following || e.token_id.as_ref().is_some_and(|t| tokens.borrow().contains(t));
+        if !ours || e.outcome != "allowed" {
+            return Ok(());
+        }
+        if let (true, Some(minted)) = (matches!(e.action.as_str(), "grant" | "token_issue"), &e.target_token_id) {
+            tokens.borrow_mut().insert(minted.clone());
+        }
+        if !is_release(&e.action) {
+            return Ok(());
+        }
         out.releases += 1;
         out.first.get_or_insert_with(|| e.at.clone());
         out.last = Some(e.at.clone());
@@ -799,5 +829,6 @@ pub fn impact(data_dir: &Path, filter: &ExportFilter) -> Result<Impact> {
             last,
         });
     }
+    out.tokens = tokens.into_inner().into_iter().collect();
     Ok(out)
 }
