@@ -784,7 +784,13 @@ pub struct SubjectImpact {
 pub fn impact(data_dir: &Path, filter: &ExportFilter) -> Result<Impact> {
     // The token test is made here, over the growing set; the filter keeps
     // the rest (window, caller). Minting entries pass it so that they are seen.
-    let tokens = std::cell::RefCell::new(filter.token.iter().cloned().collect::<std::collections::BTreeSet<String>>());
+    let tokens = std::cell::RefCell::new(
+        filter
+            .token
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<String>>(),
+    );
     let filter = ExportFilter {
         token: None,
         ..filter.clone()
@@ -792,7 +798,8 @@ pub fn impact(data_dir: &Path, filter: &ExportFilter) -> Result<Impact> {
     let following = !tokens.borrow().is_empty();
     let mut by_subject: BTreeMap<String, (std::collections::BTreeSet<String>, u64, String, String)> = BTreeMap::new();
     let mut out = Impact::default();
-    let may_keep = |line: &str| filter.may_keep(line) && (!following || tokens.borrow().iter().any(|t| line.contains(t.as_str())));
+    let may_keep =
+        |line: &str| filter.may_keep(line) && (!following || tokens.borrow().iter().any(|t| line.contains(t.as_str())));
     scan_where(data_dir, &filter, may_keep, |_, e| {
         let ours = !following || e.token_id.as_ref().is_some_and(|t| tokens.borrow().contains(t));
         if !ours || e.outcome != "allowed" {

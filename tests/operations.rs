@@ -165,7 +165,9 @@ async fn audit_impact_answers_which_subjects_and_fields_a_token_or_caller_receiv
     assert_eq!(lines.lines().count(), 1, "{lines}");
 
     // A token that minted a grant: the grant's releases are part of its impact.
-    let (shop, shop_id) = s.token_with_id("order-service", &["delivery"], &["read", "grant"]).await;
+    let (shop, shop_id) = s
+        .token_with_id("order-service", &["delivery"], &["read", "grant"])
+        .await;
     let r = s
         .post(
             "/v1/grants",
@@ -178,9 +180,18 @@ async fn audit_impact_answers_which_subjects_and_fields_a_token_or_caller_receiv
     let grant_id = r.body["id"].as_str().unwrap().to_owned();
     assert_eq!(read(r.body["token"].as_str().unwrap(), &ids[1], "address").await, 200);
     let v = json_of(s, &["audit", "impact", "--token", &shop_id, "--format", "json"]);
-    assert_eq!(v["releases"], 1, "the grant's read counts for the token that minted it: {v}");
+    assert_eq!(
+        v["releases"], 1,
+        "the grant's read counts for the token that minted it: {v}"
+    );
     assert_eq!(v["subjects"][0]["subject"], ids[1].as_str());
-    assert_eq!(v["tokens"], json!([grant_id.clone(), shop_id.clone()].iter().cloned().collect::<std::collections::BTreeSet<_>>()));
+    assert_eq!(
+        v["tokens"],
+        json!([grant_id.clone(), shop_id.clone()]
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>())
+    );
 
     // Neither --token nor --caller: refused by the parser.
     let (ok, _, err) = run(s, &["audit", "impact"]);
