@@ -263,3 +263,43 @@ async fn long_commands_draw_a_bar_on_a_terminal_and_plain_lines_otherwise() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_failed_restore_leaves_nothing_behind_and_the_retry_works() {
+    let mut s = Server::start().await;
+    let w = s.token("shop", &["order"], &["write"]).await;
+    s.create(&w, full_subject()).await;
+    let backup = s.dir.path().join("b.backup");
+    let (ok, _, err) = run(&s, &["backup", backup.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let config = s.config.clone();
+    let restore = |data: &std::path::Path, keys: &std::path::Path| {
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--keys-dir")
+            .arg(keys)
+            .args(["restore", backup.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let fresh = s.dir.path().join("restored");
+    // The running server holds the keys: refused, and the directory is left as it was.
+    let out = restore(&fresh, &s.keys_dir());
+    assert!(!out.status.success());
+    assert!(!fresh.exists(), "a failed restore left {fresh:?} behind");
+    // A keys directory without the master key: refused before anything is made.
+    let empty_keys = s.dir.path().join("no-keys");
+    let out = restore(&fresh, &empty_keys);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("no keys in"), "{err}");
+    assert!(!fresh.exists() && !empty_keys.exists());
+    // Once the server is gone, the same command works.
+    s.stop();
+    let out = restore(&fresh, &s.keys_dir());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["subjects"], 1, "{report}");
+}

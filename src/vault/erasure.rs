@@ -243,15 +243,28 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
             dir.display()
         )));
     }
+    if !crate::keyring::Keyring::exists(&cfg.keys.dir) {
+        return Err(VaultError::BadRequest(format!(
+            "no keys in {}: restore needs the keys directory the vault ran with (its master.key and data keys)",
+            cfg.keys.dir.display()
+        )));
+    }
+    // The keys first: a keys directory a running server holds stops the
+    // restore here, before the data directory is touched.
+    let keystore = KeyStore::open(&cfg.keys.dir)?;
+    let result = restore_into(cfg, &keystore, input);
+    if result.is_err() {
+        // It was empty (or missing): a failed restore leaves it so, and the
+        // retry is not refused as "not empty".
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+fn restore_into(cfg: &Config, keystore: &KeyStore, input: &mut dyn std::io::Read) -> Result<Value> {
+    let dir = &cfg.data_dir;
     let store = Store::open(dir)?;
-    let (header, records) = match store.read_backup(input) {
-        Ok(x) => x,
-        Err(e) => {
-            drop(store);
-            let _ = std::fs::remove_dir_all(dir);
-            return Err(e);
-        }
-    };
+    let (header, records) = store.read_backup(input)?;
     if let (Some(seq), Some(hash)) = (
         header["audit_head"]["seq"].as_u64(),
         header["audit_head"]["hash"].as_str(),
@@ -264,10 +277,9 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
         };
         crate::audit::write_base(dir, &base)?;
     }
-    let keystore = KeyStore::open(&cfg.keys.dir)?;
     let (_, entries) = Ledger::open(&cfg.keys.dir)?;
     store.meta.remove("ledger_applied")?;
-    let replayed = replay_ledger(&store, &keystore, &entries, &cfg.events)?;
+    let replayed = replay_ledger(&store, keystore, &entries, &cfg.events)?;
     // Revocations are replayed against the token records at the next start
     // (which needs the keyring); until then no server runs on this directory,
     // and every lookup checks the revocation ledger in any case.
