@@ -523,6 +523,19 @@ async fn grants_are_narrow_counted_and_die_with_their_parent() {
     assert_problem(&r, 401, "token_invalid");
     let r = s.get(&format!("/v1/subjects/{a}"), &order, Some("delivery")).await;
     assert_problem(&r, 401, "token_invalid");
+    // The list says so too: every grant of the revoked parent shows revoked.
+    let list = s.get("/v1/admin/tokens", &s.admin, None).await;
+    let children: Vec<&Value> = list.body["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["parent"] == order_id.as_str())
+        .collect();
+    assert!(!children.is_empty());
+    for t in children {
+        assert_eq!(t["revoked"], true, "a grant of a revoked token is listed as live: {t}");
+        assert!(t["revoked_at"].is_string(), "{t}");
+    }
     let r = mint(
         &s,
         &order,

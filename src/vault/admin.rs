@@ -79,7 +79,25 @@ impl Vault {
         self.admin(ctx, auth, "token_list").await?;
         self.record(vec![self.draft(ctx, Some(auth), "token_list", None, vec![], None)])
             .await?;
-        self.tokens.list(&self.store)
+        let mut list = self.tokens.list(&self.store)?;
+        // A token dies with its parent: listed as revoked from the moment the
+        // first ancestor was (the lookup refuses it from then on).
+        let own: std::collections::HashMap<String, (Option<String>, Option<u64>)> = list
+            .iter()
+            .map(|t| (t.id.clone(), (t.parent.clone(), t.revoked_at)))
+            .collect();
+        for t in list.iter_mut().filter(|t| t.revoked_at.is_none()) {
+            let (mut parent, mut hops) = (t.parent.clone(), 0);
+            while let (Some(p), true) = (parent, hops < 64) {
+                let Some((up, at)) = own.get(&p) else { break };
+                if at.is_some() {
+                    t.revoked_at = *at;
+                    break;
+                }
+                (parent, hops) = (up.clone(), hops + 1);
+            }
+        }
+        Ok(list)
     }
 
     pub async fn revoke_token(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<TokenRecord> {
