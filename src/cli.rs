@@ -532,7 +532,10 @@ impl Remote {
         if let Some(b) = body {
             rq = rq.json(&b);
         }
-        let resp = rq.send().await.map_err(|e| format!("request to {}: {e}", self.base))?;
+        let resp = rq
+            .send()
+            .await
+            .map_err(|e| format!("request to {}: {}", self.base, with_causes(&e)))?;
         let status = resp.status();
         let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
         if status.is_success() {
@@ -546,6 +549,22 @@ impl Remote {
             ))
         }
     }
+}
+
+/// An error with the chain of its causes: reqwest's own message ("error
+/// sending request") hides why, such as an unknown issuer or a name mismatch.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// Opens the data directory directly (no server running).
@@ -902,7 +921,7 @@ async fn backup(cfg: Config, file: &Path) -> CliResult {
         .bearer_auth(r.token.as_str())
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("request to {}: {}", r.base, with_causes(&e)))?;
     if !resp.status().is_success() {
         let s = resp.status();
         let v: serde_json::Value = resp.json().await.unwrap_or_default();

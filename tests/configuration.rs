@@ -214,3 +214,23 @@ async fn json_logs_carry_one_object_per_request_and_no_value_or_token() {
         assert!(!log.contains(secret), "the log holds {secret:?}");
     }
 }
+
+#[tokio::test]
+async fn a_tls_failure_in_the_cli_says_why() {
+    let s = Server::start().await;
+    // A keys directory without the server's certificate: nothing to trust it by.
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&s.config)
+        .arg("--keys-dir")
+        .arg(empty.path())
+        .args(["token", "list"])
+        .env("PDVAULT_TOKEN", s.admin.trim())
+        .env("PDVAULT_ADDR", format!("https://127.0.0.1:{}", s.port))
+        .output()
+        .unwrap();
+    let (_, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("UnknownIssuer"), "the cause is not named: {err}");
+}
