@@ -34,7 +34,8 @@ pub struct Policy {
     pub purposes: BTreeMap<String, Purpose>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+// `ToSchema`: the API document's `Capability` is this enum, not a copy of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Capability {
     Read,

@@ -1021,6 +1021,58 @@ async fn restart_keeps_data_and_tokens_and_wrong_passphrase_changes_nothing() {
     );
 }
 
+// ----- the generated OpenAPI document and the error reference ---------------------
+
+/// Every operation the document lists is served (the router and the document
+/// come from the same `routes!` calls), and what the vault answers outside it
+/// is the routing problem; every problem's `type` leads to its entry on the
+/// error reference the vault serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_lists_what_is_served_and_problem_types_lead_to_their_entry() {
+    let s = Server::start().await;
+    let doc = s.get("/v1/openapi.json", "", None).await.body;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut ops = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        // Path parameters filled with a value that names nothing.
+        let concrete: String = path
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in item.as_object().unwrap().keys() {
+            ops += 1;
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let r = s.call(m, &concrete, "", None, None).await;
+            let code = r.body["code"].as_str().unwrap_or("");
+            assert!(
+                code != "method_not_allowed" && !(code == "not_found" && r.body["detail"] == "no such endpoint"),
+                "{method} {path} is documented but not served: {} {}",
+                r.status,
+                r.text
+            );
+        }
+    }
+    assert!(ops >= 28, "{ops} operations");
+    let r = s.call(Method::PUT, "/v1/health", "", None, None).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+
+    // A refusal's type is the entry of its code on /v1/errors.
+    let r = s.get("/v1/subjects/x", "pdv_nonsense", Some("order")).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.body["type"], "/v1/errors#token_invalid");
+    let page = s.get("/v1/errors", "", None).await;
+    assert_eq!(page.status, 200);
+    assert!(header(&page, "content-type").starts_with("text/html"));
+    for code in doc["components"]["schemas"]["ProblemCode"]["enum"].as_array().unwrap() {
+        let code = code.as_str().unwrap();
+        assert!(page.text.contains(&format!("id=\"{code}\"")), "no entry for {code}");
+    }
+}
+
 // ----- 11, 13, 14: plain HTTP, CLI, openapi, health ---------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

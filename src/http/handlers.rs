@@ -1,6 +1,7 @@
 //! Route handlers: extract, call the core, shape the answer. No policy, no
 //! crypto and no storage here.
 
+use super::apidoc::{self, Health, PublicKey, PurposeHeaders, RequestIdHeader};
 use super::extract::{Anonymous, BatchBody, Caller, JsonBody};
 use super::problem::{problem_json, status_of, ApiError};
 use super::AppState;
@@ -14,12 +15,13 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
+use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
 type S = State<Arc<AppState>>;
 type ApiResult = Result<Response, ApiError>;
 
-fn json_response(status: StatusCode, v: &Value) -> Response {
+fn json_response<T: serde::Serialize + ?Sized>(status: StatusCode, v: &T) -> Response {
     let mut r = (status, serde_json::to_vec(v).expect("json")).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -70,26 +72,108 @@ fn secret_response(status: StatusCode, buf: Zeroizing<Vec<u8>>, version: Option<
     r
 }
 
+/// Liveness check
+///
+/// Capability: none (public).
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    operation_id = "health",
+    tag = "meta",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "Always `{\"status\": \"ok\"}` while the server runs.", body = Health, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry.")))
+    ),
+    security(()),
+)]
 pub async fn health() -> Response {
-    json_response(StatusCode::OK, &json!({"status": "ok"}))
+    json_response(StatusCode::OK, &Health { status: "ok" })
 }
 
+/// This OpenAPI 3.1 document
+///
+/// Capability: none (public). Generated from the handlers and types of this build.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    operation_id = "getOpenApi",
+    tag = "meta",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document of this API.", content_type = "application/json", body = Object, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry.")))
+    ),
+    security(()),
+)]
 pub async fn openapi() -> Response {
-    let mut r = (StatusCode::OK, super::OPENAPI).into_response();
+    let mut r = (StatusCode::OK, super::openapi_document()).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
+/// The error reference: every problem code, its cause and what to do
+///
+/// Capability: none (public). Each problem's `type` (`/v1/errors#<code>`) points at its entry here:
+/// docs/errors.md, as HTML.
+#[utoipa::path(
+    get,
+    path = "/v1/errors",
+    operation_id = "getErrors",
+    tag = "meta",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "The error reference, one entry per `code` (`#<code>`).", content_type = "text/html", body = String, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry.")))
+    ),
+    security(()),
+)]
+pub async fn errors_page() -> Response {
+    let mut r = (StatusCode::OK, super::errors::page()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"),
+    );
+    r
+}
+
+/// Public key that verifies erasure receipts
+///
+/// Capability: none (public).
+///
+/// The Ed25519 public key of the receipt signing key.
+#[utoipa::path(
+    get,
+    path = "/v1/receipts/public-key",
+    operation_id = "getReceiptPublicKey",
+    tag = "erasure",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "The key.", body = PublicKey, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry.")))
+    ),
+    security(()),
+)]
 pub async fn public_key(State(st): S) -> Response {
     use base64::Engine;
     let pk = base64::engine::general_purpose::STANDARD.encode(st.vault.public_key());
-    json_response(StatusCode::OK, &json!({"alg": "Ed25519", "public_key": pk}))
+    json_response(
+        StatusCode::OK,
+        &PublicKey {
+            alg: "Ed25519",
+            public_key: pk,
+        },
+    )
 }
 
-#[derive(Deserialize)]
+/// The body of a create: the subject's fields.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"fields": {"surname": "Сейткали", "given_name": "Айгерим", "phone": "+7 701 123 45 67",
+    "email": "aigerim@Example.KZ", "address": {"city": "Almaty", "street": "Abay ave.", "building": "10"}}}))]
 pub struct FieldsBody {
+    #[schema(value_type = apidoc::SubjectFields)]
     fields: Map<String, Value>,
 }
 
@@ -99,9 +183,37 @@ impl Drop for FieldsBody {
     }
 }
 
+/// Create a subject
+///
+/// Capability: `write`.
+///
+/// Creates a subject from `{"fields": {...}}` under a purpose that may write (default `order`, `subject_access`). Every field named must be covered by the purpose.
+#[utoipa::path(
+    post,
+    path = "/v1/subjects",
+    operation_id = "createSubject",
+    tag = "subjects",
+    params(PurposeHeaders),
+    request_body = FieldsBody,
+    responses(
+        (status = 201, description = "Created.", body = apidoc::SubjectVersion, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Location" = String, description = "`/v1/subjects/{id}` of the new subject."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 422, response = apidoc::UnprocessableEntity),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn create(State(st): S, c: Caller, JsonBody(b): JsonBody<FieldsBody>) -> ApiResult {
     let (id, version) = st.vault.create(&c.ctx, &c.auth, &b.fields).await?;
-    let mut r = json_response(StatusCode::CREATED, &json!({"id": id, "version": version}));
+    let body = apidoc::SubjectVersion {
+        id: id.clone(),
+        version,
+    };
+    let mut r = json_response(StatusCode::CREATED, &body);
     r.headers_mut().insert(
         header::LOCATION,
         HeaderValue::from_str(&format!("/v1/subjects/{id}")).expect("ascii"),
@@ -127,6 +239,29 @@ fn parse_field_list(query: Option<&str>) -> Result<Option<Vec<String>>, ApiError
     Ok((!v.is_empty()).then_some(v))
 }
 
+/// Release a subject's fields
+///
+/// Capability: `read`.
+///
+/// Releases the fields named in `?fields=` (default: all the purpose covers), each in the form the purpose releases it (plain, masked, pseudonym or generalized). Purposes that need consent answer `403 consent_required` without a `granted` consent; purposes that need a justification want X-Justification.
+#[utoipa::path(
+    get,
+    path = "/v1/subjects/{id}",
+    operation_id = "getSubject",
+    tag = "subjects",
+    params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::FieldsQuery),
+    responses(
+        (status = 200, description = "The released fields.", body = apidoc::ReleasedSubject, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 410, response = apidoc::Gone),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn read(State(st): S, c: Caller, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
     let fields = parse_field_list(q.as_deref())?;
     let r = st.vault.read(&c.ctx, &c.auth, &id, fields.as_deref()).await?;
@@ -145,6 +280,33 @@ fn parse_if_match(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
         .map_err(|_| ApiError(VaultError::BadRequest("If-Match must be a subject version".into())))
 }
 
+/// Change a subject's fields
+///
+/// Capability: `write`.
+///
+/// Sets the fields given; `null` removes one. With If-Match, a version other than the current one answers `412 version_conflict`.
+#[utoipa::path(
+    patch,
+    path = "/v1/subjects/{id}",
+    operation_id = "patchSubject",
+    tag = "subjects",
+    params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::IfMatchHeader),
+    request_body = apidoc::FieldsPatchBody,
+    responses(
+        (status = 200, description = "Changed.", body = apidoc::SubjectVersion, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 410, response = apidoc::Gone),
+        (status = 412, response = apidoc::PreconditionFailed),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 422, response = apidoc::UnprocessableEntity),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn patch(
     State(st): S,
     c: Caller,
@@ -154,20 +316,45 @@ pub async fn patch(
 ) -> ApiResult {
     let if_match = parse_if_match(&headers)?;
     let (id, version) = st.vault.patch(&c.ctx, &c.auth, &id, &b.fields, if_match).await?;
-    let mut r = json_response(StatusCode::OK, &json!({"id": id, "version": version}));
+    let mut r = json_response(StatusCode::OK, &apidoc::SubjectVersion { id, version });
     r.headers_mut().insert(header::ETAG, etag(version));
     Ok(r)
 }
 
+/// Erase a subject (crypto-shred)
+///
+/// Capability: `erase`.
+///
+/// Destroys every version of the subject's data key, then its ciphertexts and blind-index entries, and answers a signed erasure receipt (purpose `erasure`). Repeating it answers `200` with the same receipt: the one call on an erased subject that is not `410`. The signature is Ed25519 over the canonical JSON of `receipt` (keys sorted, no white space, UTF-8).
+#[utoipa::path(
+    delete,
+    path = "/v1/subjects/{id}",
+    operation_id = "eraseSubject",
+    tag = "erasure",
+    params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
+    responses(
+        (status = 200, description = "The erasure receipt.", body = apidoc::ErasureReceipt, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn erase(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
     let e = st.vault.erase(&c.ctx, &c.auth, &id).await?;
     Ok(json_response(StatusCode::OK, &e.to_json()))
 }
 
-#[derive(Deserialize)]
+/// Up to 1000 subject ids, and the fields to release of each.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchGetBody {
+    #[schema(max_items = 1000)]
     ids: Vec<String>,
+    /// Fields to release; default: all the purpose covers.
     fields: Option<Vec<String>>,
 }
 
@@ -175,6 +362,28 @@ fn item_error(id: Option<&str>, e: &VaultError) -> Value {
     json!({"id": id, "status": status_of(e).as_u16(), "error": problem_json(e)})
 }
 
+/// Release fields of many subjects
+///
+/// Capability: `read`.
+///
+/// Up to 1000 ids. Each item is decided, audited and answered on its own (in the request's order) with the status it alone would have had; refusals (403, 404, 410, ...) are items, not the answer's status.
+#[utoipa::path(
+    post,
+    path = "/v1/subjects:batchGet",
+    operation_id = "batchGetSubjects",
+    tag = "subjects",
+    params(PurposeHeaders),
+    request_body = BatchGetBody,
+    responses(
+        (status = 200, description = "One item per id, in order.", body = apidoc::BatchResults, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn batch_get(State(st): S, c: Caller, BatchBody(b): BatchBody<BatchGetBody>) -> ApiResult {
     let items = st.vault.batch_get(&c.ctx, &c.auth, &b.ids, b.fields.as_deref()).await?;
     let mut buf = Zeroizing::new(Vec::with_capacity(items.len() * 200));
@@ -201,12 +410,36 @@ pub async fn batch_get(State(st): S, c: Caller, BatchBody(b): BatchBody<BatchGet
     Ok(secret_response(StatusCode::OK, buf, None))
 }
 
-#[derive(Deserialize)]
+/// Up to 1000 subjects to create.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchCreateBody {
+    #[schema(max_items = 1000)]
     subjects: Vec<FieldsBody>,
 }
 
+/// Create many subjects
+///
+/// Capability: `write`.
+///
+/// Up to 1000 subjects. Each item succeeds (`201`, with `id` and `version`) or fails (`403`, `422`, ... with `error` and a null `id`) on its own, in the request's order.
+#[utoipa::path(
+    post,
+    path = "/v1/subjects:batchCreate",
+    operation_id = "batchCreateSubjects",
+    tag = "subjects",
+    params(PurposeHeaders),
+    request_body = BatchCreateBody,
+    responses(
+        (status = 200, description = "One item per subject, in order.", body = apidoc::BatchResults, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn batch_create(State(st): S, c: Caller, BatchBody(b): BatchBody<BatchCreateBody>) -> ApiResult {
     let mut subjects: Vec<Map<String, Value>> = b
         .subjects
@@ -230,19 +463,72 @@ pub async fn batch_create(State(st): S, c: Caller, BatchBody(b): BatchBody<Batch
     Ok(json_response(StatusCode::OK, &json!({"results": results})))
 }
 
-#[derive(Deserialize)]
+/// What to look up.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LookupBody {
+    /// `email` or `phone` (or a config field of those types).
+    #[schema(example = "email")]
     field: String,
+    /// Normalised as on write before the blind-index look-up.
+    #[schema(value_type = String, example = "aigerim@example.kz")]
     value: Value,
 }
 
+/// Find a subject by e-mail or phone
+///
+/// Capability: `read`.
+///
+/// Looks the normalised value up in the blind index (a keyed hash; the vault keeps no plaintext index). The purpose must cover the looked-up field. `404 subject_not_found` if none.
+#[utoipa::path(
+    post,
+    path = "/v1/lookup",
+    operation_id = "lookupSubject",
+    tag = "subjects",
+    params(PurposeHeaders),
+    request_body = LookupBody,
+    responses(
+        (status = 200, description = "The subject found.", body = apidoc::LookupResult, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 422, response = apidoc::UnprocessableEntity),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn lookup(State(st): S, c: Caller, JsonBody(mut b): JsonBody<LookupBody>) -> ApiResult {
     let r = st.vault.lookup(&c.ctx, &c.auth, &b.field, &b.value).await;
     crate::vault::wipe_value(&mut b.value);
-    Ok(json_response(StatusCode::OK, &json!({"id": r?})))
+    Ok(json_response(StatusCode::OK, &apidoc::LookupResult { id: r? }))
 }
 
+/// A subject's consents
+///
+/// Capability: `read`.
+///
+/// The latest consent per purpose and the full history. Sent under a purpose that may write (`subject_access` or `order`).
+#[utoipa::path(
+    get,
+    path = "/v1/subjects/{id}/consents",
+    operation_id = "getConsents",
+    tag = "consents",
+    params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
+    responses(
+        (status = 200, description = "The consents.", body = apidoc::Consents, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 410, response = apidoc::Gone),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn consents(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
     Ok(json_response(
         StatusCode::OK,
@@ -250,12 +536,38 @@ pub async fn consents(State(st): S, c: Caller, Path(id): Path<String>) -> ApiRes
     ))
 }
 
-#[derive(Deserialize)]
+/// A consent given or withdrawn.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsentBody {
     granted: bool,
 }
 
+/// Grant or withdraw consent for a purpose
+///
+/// Capability: `write`.
+///
+/// Records `{"granted": true|false}` for the purpose in the path. Sent under `subject_access` or `order`. Consent is opt-in: no record means no consent.
+#[utoipa::path(
+    put,
+    path = "/v1/subjects/{id}/consents/{purpose}",
+    operation_id = "setConsent",
+    tag = "consents",
+    params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), ("purpose" = String, Path, description = "The purpose the consent is about (e.g. `marketing`); unknown: `404 not_found`."), PurposeHeaders),
+    request_body = ConsentBody,
+    responses(
+        (status = 200, description = "The record made.", body = apidoc::ConsentRecord, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 410, response = apidoc::Gone),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn set_consent(
     State(st): S,
     c: Caller,
@@ -266,6 +578,29 @@ pub async fn set_consent(
     Ok(json_response(StatusCode::OK, &rec))
 }
 
+/// Who released what of this subject
+///
+/// Capability: `audit`, or `read` under `subject_access`.
+///
+/// Releases of this subject's data: who, when, for which purpose, which fields (never values), oldest first, paged by `?after=` and `?limit=`. With the `audit` capability no X-Purpose is needed.
+#[utoipa::path(
+    get,
+    path = "/v1/subjects/{id}/access-log",
+    operation_id = "getAccessLog",
+    tag = "audit",
+    params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::AccessLogQuery),
+    responses(
+        (status = 200, description = "A page of releases.", body = apidoc::AccessLogPage, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 410, response = apidoc::Gone),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn access_log(
     State(st): S,
     c: Caller,
@@ -290,37 +625,67 @@ pub async fn access_log(
     ))
 }
 
-#[derive(Deserialize)]
+/// A delegated grant to mint.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantBody {
+    /// The subjects the grant may read (subject ids).
+    #[schema(min_items = 1, max_items = 1000)]
     subjects: Vec<String>,
+    /// The purpose granted; default: the X-Purpose of the call.
     purpose: Option<String>,
+    /// Default: every field the purpose covers.
     fields: Option<Vec<String>>,
+    /// At most grants.max_ttl, and not past the parent token's expiry.
+    #[schema(minimum = 1)]
     ttl_seconds: u64,
+    #[schema(minimum = 1)]
     max_uses: Option<u64>,
+    /// The caller's name, 1-100 characters of [A-Za-z0-9-_.@:].
+    #[schema(pattern = "^[A-Za-z0-9_.@:-]{1,100}$", example = "courier-kazpost")]
     caller: String,
+    /// Bind the grant to this client-certificate subject (mTLS).
     cert_subject: Option<String>,
 }
 
 fn token_answer(rec: &crate::tokens::TokenRecord, secret: &crate::tokens::TokenSecret) -> Response {
-    let mut r = json_response(
-        StatusCode::CREATED,
-        &json!({
-            "id": rec.id,
-            "token": secret.expose(),
-            "expires_at": crate::fsutil::rfc3339(rec.expires_at),
-            "caller": rec.caller,
-            "purposes": rec.purposes,
-            "capabilities": rec.capabilities,
-        }),
-    );
+    let body = apidoc::TokenIssued {
+        id: rec.id.clone(),
+        token: secret.expose().to_owned(),
+        expires_at: crate::fsutil::rfc3339(rec.expires_at),
+        caller: rec.caller.clone(),
+        purposes: rec.purposes.clone(),
+        capabilities: rec.capabilities.clone(),
+    };
+    let mut r = json_response(StatusCode::CREATED, &body);
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
-/// `POST /v1/subjects/{id}/self-service-links`: the shop's backend, after
-/// signing its user in, asks for a link to the vault's own page.
+/// A single-use sign-in link to the subject's own page
+///
+/// Capability: `grant`, under `subject_access` (X-Purpose).
+///
+/// The shop's backend, after signing its user in, redirects the user to `url`. The code is single-use, lives at most 15 minutes (and never longer than the calling token), and travels in the URL fragment, so it never reaches a server log.
+#[utoipa::path(
+    post,
+    path = "/v1/subjects/{id}/self-service-links",
+    operation_id = "createSelfServiceLink",
+    tag = "self-service",
+    params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
+    responses(
+        (status = 201, description = "The link.", body = apidoc::SelfServiceLink, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 410, response = apidoc::Gone),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn self_service_link(State(st): S, c: Caller, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let link = st.vault.self_service_link(&c.ctx, &c.auth, &id).await?;
     let base = match &st.vault.cfg.server.public_url {
@@ -336,24 +701,42 @@ pub async fn self_service_link(State(st): S, c: Caller, headers: HeaderMap, Path
         }
     };
     let code = link.code.expose();
-    Ok(json_response(
-        StatusCode::CREATED,
-        &json!({
-            "url": format!("{base}/self/#code={code}"),
-            "code": code,
-            "expires_at": crate::fsutil::rfc3339(link.expires_at),
-        }),
-    ))
+    let body = apidoc::SelfServiceLink {
+        url: format!("{base}/self/#code={code}"),
+        code: code.to_owned(),
+        expires_at: crate::fsutil::rfc3339(link.expires_at),
+    };
+    Ok(json_response(StatusCode::CREATED, &body))
 }
 
-#[derive(Deserialize)]
+/// The code of a self-service link.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionBody {
     code: String,
 }
 
-/// `POST /v1/self/session`: the page exchanges the link's code for a
-/// session token of that one subject.
+/// Exchange a link's code for a session of that one subject
+///
+/// No token: the code is the credential. Answers a token for that one subject, purpose `subject_access`, capabilities `read` and `write` (and the erasure of that subject), alive at most 30 minutes. A used, expired or unknown code answers `401 token_invalid`.
+#[utoipa::path(
+    post,
+    path = "/v1/self/session",
+    operation_id = "openSelfServiceSession",
+    tag = "self-service",
+    params(RequestIdHeader),
+    request_body = SessionBody,
+    responses(
+        (status = 201, description = "The session; `token` is shown this once.", body = apidoc::SelfSession, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+    security(()),
+)]
 pub async fn self_session(State(st): S, a: Anonymous, JsonBody(b): JsonBody<SessionBody>) -> ApiResult {
     match st.vault.self_service_session(&a.ctx, &b.code).await {
         Ok((rec, secret)) => {
@@ -361,14 +744,12 @@ pub async fn self_session(State(st): S, a: Anonymous, JsonBody(b): JsonBody<Sess
                 st.limiter.success(p);
             }
             let subject = rec.grant.as_ref().and_then(|g| g.subjects.first()).cloned();
-            Ok(json_response(
-                StatusCode::CREATED,
-                &json!({
-                    "token": secret.expose(),
-                    "expires_at": crate::fsutil::rfc3339(rec.expires_at),
-                    "subject": subject,
-                }),
-            ))
+            let body = apidoc::SelfSession {
+                token: secret.expose().to_owned(),
+                expires_at: crate::fsutil::rfc3339(rec.expires_at),
+                subject,
+            };
+            Ok(json_response(StatusCode::CREATED, &body))
         }
         Err(e) => {
             if let (Some(p), VaultError::TokenInvalid) = (a.peer, &e) {
@@ -379,6 +760,29 @@ pub async fn self_session(State(st): S, a: Anonymous, JsonBody(b): JsonBody<Sess
     }
 }
 
+/// Mint a delegated grant token
+///
+/// Capability: `grant`.
+///
+/// A read-only token for the named subjects, one purpose and some fields, for at most `ttl_seconds` and optionally `max_uses` calls. Minted under the purpose it grants (X-Purpose, or `purpose` in the body). Never wider than its parent token: `403 grant_too_wide`.
+#[utoipa::path(
+    post,
+    path = "/v1/grants",
+    operation_id = "mintGrant",
+    tag = "tokens",
+    params(PurposeHeaders),
+    request_body = GrantBody,
+    responses(
+        (status = 201, description = "The grant; `token` is shown this once.", body = apidoc::TokenIssued, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn mint_grant(State(st): S, c: Caller, JsonBody(b): JsonBody<GrantBody>) -> ApiResult {
     let g = GrantRequest {
         subjects: b.subjects,
@@ -393,16 +797,46 @@ pub async fn mint_grant(State(st): S, c: Caller, JsonBody(b): JsonBody<GrantBody
     Ok(token_answer(&rec, &secret))
 }
 
-#[derive(Deserialize)]
+/// A token to issue.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IssueBody {
+    /// The caller's name, 1-100 characters of [A-Za-z0-9-_.@:].
+    #[schema(pattern = "^[A-Za-z0-9_.@:-]{1,100}$", example = "order-service")]
     caller: String,
+    /// Purposes from the configured policy.
     purposes: Vec<String>,
+    #[schema(value_type = Vec<crate::policy::Capability>)]
     capabilities: Vec<String>,
+    #[schema(minimum = 1, maximum = 157680000)]
     ttl_seconds: u64,
+    /// Bind the token to this client-certificate subject (mTLS).
     cert_subject: Option<String>,
 }
 
+/// Issue a token
+///
+/// Capability: `admin`.
+///
+/// Issues a token for a caller with purposes, capabilities and a lifetime; optionally bound to a client-certificate subject. The vault keeps only a keyed hash of it.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/tokens",
+    operation_id = "issueToken",
+    tag = "admin",
+    params(RequestIdHeader),
+    request_body = IssueBody,
+    responses(
+        (status = 201, description = "The token; `token` is shown this once.", body = apidoc::TokenIssued, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 413, response = apidoc::PayloadTooLarge),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn issue_token(State(st): S, c: Caller, JsonBody(b): JsonBody<IssueBody>) -> ApiResult {
     let req = IssueRequest {
         caller: b.caller,
@@ -415,17 +849,81 @@ pub async fn issue_token(State(st): S, c: Caller, JsonBody(b): JsonBody<IssueBod
     Ok(token_answer(&rec, &secret))
 }
 
+/// List tokens
+///
+/// Capability: `admin`.
+///
+/// Every token and grant (never their text).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/tokens",
+    operation_id = "listTokens",
+    tag = "admin",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "The tokens.", body = apidoc::TokenList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn list_tokens(State(st): S, c: Caller) -> ApiResult {
     let list = st.vault.list_tokens(&c.ctx, &c.auth).await?;
     let tokens: Vec<Value> = list.iter().map(|t| t.describe()).collect();
     Ok(json_response(StatusCode::OK, &json!({"tokens": tokens})))
 }
 
+/// Revoke a token
+///
+/// Capability: `admin`.
+///
+/// Revokes the token and, with it, every grant it minted. Unknown id: `404 not_found`.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/tokens/{id}",
+    operation_id = "revokeToken",
+    tag = "admin",
+    params(("id" = String, Path, description = "The token id (`tok_...`)."), RequestIdHeader),
+    responses(
+        (status = 200, description = "The token, revoked.", body = apidoc::TokenDescription, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn revoke_token(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
     let rec = st.vault.revoke_token(&c.ctx, &c.auth, &id).await?;
     Ok(json_response(StatusCode::OK, &rec.describe()))
 }
 
+/// Undelivered events
+///
+/// Capability: `admin`. Audited as `events_list`.
+///
+/// Events recorded and not yet delivered to every subscriber, oldest first (at most 1000), with each subscriber's delivery state. `state=pending` or `state=dead` shows only those deliveries.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/events",
+    operation_id = "listEvents",
+    tag = "admin",
+    params(RequestIdHeader, apidoc::EventsQuery),
+    responses(
+        (status = 200, description = "The events.", body = apidoc::EventList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn list_events(State(st): S, c: Caller, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let filter = crate::events::Filter::parse(q.get("state").map(String::as_str))
         .ok_or_else(|| ApiError(VaultError::BadRequest("state must be pending, dead or all".into())))?;
@@ -433,11 +931,60 @@ pub async fn list_events(State(st): S, c: Caller, Query(q): Query<HashMap<String
     Ok(json_response(StatusCode::OK, &json!({ "events": events })))
 }
 
+/// Send a dead event again
+///
+/// Capability: `admin`. Audited as `events_retry`.
+///
+/// Re-queues the event's dead deliveries with a fresh dead clock; pending ones are left as they are. Unknown or already delivered id: `404 not_found`.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/events/{id}/retry",
+    operation_id = "retryEvent",
+    tag = "admin",
+    params(("id" = String, Path, description = "The event id (`msg_...`)."), RequestIdHeader),
+    responses(
+        (status = 200, description = "Re-queued.", body = apidoc::EventRetry, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 404, response = apidoc::NotFound),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn retry_event(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
     let requeued = st.vault.retry_event(&c.ctx, &c.auth, &id).await?;
-    Ok(json_response(StatusCode::OK, &json!({"id": id, "requeued": requeued})))
+    Ok(json_response(
+        StatusCode::OK,
+        &apidoc::EventRetry {
+            id,
+            requeued: requeued as u64,
+        },
+    ))
 }
 
+/// The vault at a glance
+///
+/// Capability: `admin`. Audited as `status`.
+///
+/// Whether it is serving unsealed, the current key epoch and the next scheduled rotation, the audit head and its last signed checkpoint, and how many subjects, erasure receipts, tokens and undelivered events it holds. `pdvault status` prints the same.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/status",
+    operation_id = "status",
+    tag = "admin",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "The status.", body = apidoc::Status, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn status(State(st): S, c: Caller) -> ApiResult {
     let status = st.vault.admin_status(&c.ctx, &c.auth).await?;
     Ok(json_response(
@@ -446,16 +993,53 @@ pub async fn status(State(st): S, c: Caller) -> ApiResult {
     ))
 }
 
+/// Rotate the key-encryption key
+///
+/// Capability: `admin`.
+///
+/// Starts a new key epoch and re-wraps every live data key under it; resumable.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/rotate-kek",
+    operation_id = "rotateKek",
+    tag = "admin",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "Rotated.", body = apidoc::Rotation, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn rotate_kek(State(st): S, c: Caller) -> ApiResult {
     let (epoch, rewrapped) = st.vault.admin_rotate(&c.ctx, &c.auth).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"epoch": epoch, "rewrapped": rewrapped}),
-    ))
+    Ok(json_response(StatusCode::OK, &apidoc::Rotation { epoch, rewrapped }))
 }
 
-/// Snapshots to a private temporary file under the data directory (fast,
-/// local), then streams that file, so a slow client never holds writers up.
+/// Download a backup
+///
+/// Capability: `admin`.
+///
+/// Streams a consistent snapshot of the data (ciphertexts, blind-index HMACs and token hashes only; data keys stay in the keys directory). Restore it offline with `pdvault restore`.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/backup",
+    operation_id = "backup",
+    tag = "admin",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "The snapshot.", content_type = "application/octet-stream", body = Vec<u8>, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Content-Disposition" = String, description = "`attachment; filename=\"pdvault.pdvbak\"`."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn backup(State(st): S, c: Caller) -> ApiResult {
     let dir = st.vault.cfg.data_dir.join("backup-tmp");
     crate::fsutil::create_private_dir(&dir).map_err(VaultError::from)?;
@@ -488,6 +1072,27 @@ pub async fn backup(State(st): S, c: Caller) -> ApiResult {
     Ok(r)
 }
 
+/// Prometheus metrics
+///
+/// Capability: `admin`.
+///
+/// Metrics in the Prometheus text exposition format (`text/plain; version=0.0.4; charset=utf-8`).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "admin",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "The metrics.", content_type = "text/plain", body = String, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 400, response = apidoc::BadRequest),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
 pub async fn metrics(State(st): S, c: Caller) -> ApiResult {
     st.vault.admin_metrics(&c.ctx, &c.auth).await?;
     let mut r = (StatusCode::OK, st.vault.metrics.render()).into_response();

@@ -34,7 +34,8 @@ pub fn status_of(e: &VaultError) -> StatusCode {
     }
 }
 
-fn title_of(code: &str) -> &'static str {
+/// The `title` of a problem code.
+pub fn title_for(code: &str) -> &'static str {
     match code {
         "token_invalid" => "Token invalid",
         "token_expired" => "Token expired",
@@ -74,8 +75,8 @@ pub fn problem_json(e: &VaultError) -> serde_json::Value {
         other => other.to_string(),
     };
     let mut p = json!({
-        "type": format!("urn:pdvault:problem:{code}"),
-        "title": title_of(code),
+        "type": format!("/v1/errors#{code}"),
+        "title": title_for(code),
         "status": status.as_u16(),
         "detail": detail,
         "code": code,
@@ -126,8 +127,8 @@ pub fn routing_problem(status: StatusCode, code: &str, detail: &str) -> Response
     problem_response(
         status,
         json!({
-            "type": format!("urn:pdvault:problem:{code}"),
-            "title": title_of(code),
+            "type": format!("/v1/errors#{code}"),
+            "title": title_for(code),
             "status": status.as_u16(),
             "detail": detail,
             "code": code,

@@ -65,15 +65,54 @@ fn file(rel: &str) -> Response {
     resp
 }
 
+/// The self-service page
+///
+/// HTML, with a strict Content-Security-Policy; its script, style and catalogues are under `/self/`.
+/// No token: the page signs in with the code of a self-service link in its URL fragment.
+#[utoipa::path(
+    get,
+    path = "/self/",
+    operation_id = "selfServicePage",
+    tag = "self-service",
+    responses((status = 200, description = "The page.", content_type = "text/html", body = String)),
+    security(()),
+)]
 pub async fn index() -> Response {
     file("")
 }
 
+/// A file of the self-service page
+///
+/// `app.js`, `app.css` and the message catalogues `i18n/ru.json`, `i18n/kk.json`, `i18n/en.json`.
+#[utoipa::path(
+    get,
+    path = "/self/{*path}",
+    operation_id = "selfServiceAsset",
+    tag = "self-service",
+    params(("path" = String, Path, description = "The file under `/self/`.", example = "app.js")),
+    responses(
+        (status = 200, description = "The file, typed by its extension.", content(
+            (String = "text/javascript"), (String = "text/css"), (serde_json::Value = "application/json")
+        )),
+        (status = 404, description = "No such file.", content_type = "text/plain", body = String),
+    ),
+    security(()),
+)]
 pub async fn asset(Path(rel): Path<String>) -> Response {
     file(&rel)
 }
 
-/// `/self` without the slash: the page's relative links need it.
+/// `/self` without the slash: to `/self/`
+///
+/// The page's relative links need the slash.
+#[utoipa::path(
+    get,
+    path = "/self",
+    operation_id = "selfServiceRedirect",
+    tag = "self-service",
+    responses((status = 308, description = "To `/self/`.", headers(("Location" = String, description = "`/self/`.")))),
+    security(()),
+)]
 pub async fn redirect() -> Response {
     let mut resp = (StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, "/self/")]).into_response();
     guard(&mut resp);
