@@ -5,6 +5,7 @@
 //! opening the data directory directly when no server runs. Every command
 //! ends in the same `Vault` core.
 
+use crate::client::{self, Client};
 use crate::config::{parse_duration, Config, Overrides};
 use crate::devkeys::{self, ADMIN_TOKEN, DEV_PASSPHRASE};
 use crate::fsutil::read_secret_file;
@@ -439,12 +440,6 @@ async fn bench_baseline(cfg: Config, body_bytes: usize) -> CliResult {
 
 // ----- talking to a running server -------------------------------------------------
 
-struct Remote {
-    base: String,
-    client: reqwest::Client,
-    token: Zeroizing<String>,
-}
-
 /// The server the CLI talks to: `PDVAULT_ADDR` (`https://host:port` or
 /// `host:port`) when set, else the configured listen address.
 fn server_addr(cfg: &Config) -> CliResult<(String, bool)> {
@@ -463,7 +458,7 @@ fn server_addr(cfg: &Config) -> CliResult<(String, bool)> {
 /// A running server at the configured address, if one answers there. With
 /// `PDVAULT_ADDR` set, a server that does not answer is an error, not a
 /// reason to open the data directory.
-async fn remote(cfg: &Config) -> CliResult<Option<Remote>> {
+async fn remote(cfg: &Config) -> CliResult<Option<Client>> {
     let (addr, explicit) = server_addr(cfg)?;
     let reachable = tokio::time::timeout(
         std::time::Duration::from_millis(500),
@@ -489,82 +484,19 @@ async fn remote(cfg: &Config) -> CliResult<Option<Remote>> {
             })?
         }
     };
-    let mut b = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false);
+    // Trusts only the vault's own certificate (or the CA in that file).
+    let mut b = Client::builder(format!("https://{addr}")).token(token.as_str());
     let cert = cfg.tls_cert_path();
-    if let Ok(pem) = std::fs::read(&cert) {
-        for c in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", cert.display()))? {
-            b = b.add_root_certificate(c);
-        }
+    if cert.exists() {
+        b = b.ca_file(&cert).map_err(|e| e.to_string())?;
     }
     if let (Ok(c), Ok(k)) = (
         std::env::var("PDVAULT_CLIENT_CERT"),
         std::env::var("PDVAULT_CLIENT_KEY"),
     ) {
-        let mut pem = std::fs::read(&c).map_err(|e| format!("{c}: {e}"))?;
-        pem.extend(std::fs::read(&k).map_err(|e| format!("{k}: {e}"))?);
-        b = b.identity(reqwest::Identity::from_pem(&pem).map_err(|e| format!("client certificate: {e}"))?);
+        b = b.client_cert_files(c, k).map_err(|e| e.to_string())?;
     }
-    let client = b.build().map_err(|e| e.to_string())?;
-    Ok(Some(Remote {
-        base: format!("https://{addr}"),
-        client,
-        token,
-    }))
-}
-
-impl Remote {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        purpose: Option<&str>,
-        body: Option<serde_json::Value>,
-    ) -> CliResult<serde_json::Value> {
-        let mut rq = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(self.token.as_str());
-        if let Some(p) = purpose {
-            rq = rq.header("X-Purpose", p);
-        }
-        if let Some(b) = body {
-            rq = rq.json(&b);
-        }
-        let resp = rq
-            .send()
-            .await
-            .map_err(|e| format!("request to {}: {}", self.base, with_causes(&e)))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-        if status.is_success() {
-            Ok(v)
-        } else {
-            Err(format!(
-                "{} {}: {}",
-                status.as_u16(),
-                v["code"].as_str().unwrap_or(""),
-                v["detail"].as_str().unwrap_or("")
-            ))
-        }
-    }
-}
-
-/// An error with the chain of its causes: reqwest's own message ("error
-/// sending request") hides why, such as an unknown issuer or a name mismatch.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
+    Ok(Some(b.build().map_err(|e| e.to_string())?))
 }
 
 /// Opens the data directory directly (no server running).
@@ -596,17 +528,17 @@ async fn token(g: &Global, cfg: Config, cmd: TokenCmd) -> CliResult {
             cert_subject,
         } => {
             let ttl_seconds = parse_duration(&ttl)?.as_secs();
-            let body = serde_json::json!({
-                "caller": caller, "purposes": purposes, "capabilities": caps,
-                "ttl_seconds": ttl_seconds, "cert_subject": cert_subject,
-            });
             let token = match remote {
-                Some(r) => r
-                    .call(reqwest::Method::POST, "/v1/admin/tokens", None, Some(body))
-                    .await?["token"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
+                Some(r) => {
+                    let req = client::IssueRequest {
+                        caller,
+                        purposes,
+                        capabilities: caps,
+                        ttl_seconds,
+                        cert_subject,
+                    };
+                    r.issue_token(&req).await.map_err(|e| e.to_string())?.token
+                }
                 None => {
                     let v = local(g, cfg)?;
                     let req = IssueRequest {
@@ -627,7 +559,7 @@ async fn token(g: &Global, cfg: Config, cmd: TokenCmd) -> CliResult {
         }
         TokenCmd::List => {
             let v = match remote {
-                Some(r) => r.call(reqwest::Method::GET, "/v1/admin/tokens", None, None).await?,
+                Some(r) => r.list_tokens().await.map_err(|e| e.to_string())?,
                 None => {
                     let v = local(g, cfg)?;
                     let list = v
@@ -641,10 +573,7 @@ async fn token(g: &Global, cfg: Config, cmd: TokenCmd) -> CliResult {
         }
         TokenCmd::Revoke { id } => {
             let v = match remote {
-                Some(r) => {
-                    r.call(reqwest::Method::DELETE, &format!("/v1/admin/tokens/{id}"), None, None)
-                        .await?
-                }
+                Some(r) => r.revoke_token(&id).await.map_err(|e| e.to_string())?,
                 None => {
                     let v = local(g, cfg)?;
                     v.revoke_token(&local_ctx(None), &Vault::local_operator(), &id)
@@ -664,7 +593,7 @@ async fn token(g: &Global, cfg: Config, cmd: TokenCmd) -> CliResult {
 /// server holds the master key).
 async fn status(g: &Global, cfg: Config) -> CliResult {
     let v = match remote(&cfg).await? {
-        Some(r) => r.call(reqwest::Method::GET, "/v1/admin/status", None, None).await?,
+        Some(r) => r.status().await.map_err(|e| e.to_string())?,
         None => {
             let mut st = local(g, cfg)?.status().map_err(|e| e.to_string())?;
             st.sealed = true;
@@ -688,13 +617,12 @@ async fn events(g: &Global, cfg: Config, cmd: EventsCmd) -> CliResult {
             };
             match remote {
                 Some(r) => {
-                    r.call(
-                        reqwest::Method::GET,
-                        &format!("/v1/admin/events?state={state}"),
-                        None,
-                        None,
-                    )
-                    .await?
+                    let state = match state {
+                        "pending" => client::EventState::Pending,
+                        "dead" => client::EventState::Dead,
+                        _ => client::EventState::All,
+                    };
+                    r.list_events(state).await.map_err(|e| e.to_string())?
                 }
                 None => {
                     let v = local(g, cfg)?;
@@ -709,8 +637,8 @@ async fn events(g: &Global, cfg: Config, cmd: EventsCmd) -> CliResult {
         }
         EventsCmd::Retry { id } => match remote {
             Some(r) => {
-                let path = format!("/v1/admin/events/{}/retry", urlencoding_path(&id));
-                r.call(reqwest::Method::POST, &path, None, None).await?
+                let done = r.retry_event(&id).await.map_err(|e| e.to_string())?;
+                serde_json::to_value(done).map_err(|e| e.to_string())?
             }
             None => {
                 let v = local(g, cfg)?;
@@ -726,27 +654,9 @@ async fn events(g: &Global, cfg: Config, cmd: EventsCmd) -> CliResult {
     Ok(())
 }
 
-/// An id as one path segment (ids are `msg_` + hex; anything else is escaped).
-fn urlencoding_path(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 async fn shred(g: &Global, cfg: Config, id: &str) -> CliResult {
     let v = match remote(&cfg).await? {
-        Some(r) => {
-            r.call(
-                reqwest::Method::DELETE,
-                &format!("/v1/subjects/{id}"),
-                Some("erasure"),
-                None,
-            )
-            .await?
-        }
+        Some(r) => r.erase("erasure", id).await.map_err(|e| e.to_string())?,
         None => {
             let v = local(g, cfg)?;
             v.erase(&local_ctx(Some("erasure")), &Vault::local_operator(), id)
@@ -764,14 +674,12 @@ async fn rotate(g: &Global, cfg: Config) -> CliResult {
         Some(r) => {
             // The server does the work: a spinner while it runs.
             let bar = Progress::start("rotate-kek (on the server)", None, Unit::Keys);
-            let v = r
-                .call(reqwest::Method::POST, "/v1/admin/rotate-kek", None, None)
-                .await?;
+            let done = r.rotate_kek().await.map_err(|e| e.to_string())?;
             bar.finish(&format!(
                 "epoch {}, {} data keys re-wrapped",
-                v["epoch"], v["rewrapped"]
+                done.epoch, done.rewrapped
             ));
-            v
+            serde_json::to_value(done).map_err(|e| e.to_string())?
         }
         None => {
             let v = local(g, cfg)?;
@@ -915,23 +823,7 @@ async fn backup(cfg: Config, file: &Path) -> CliResult {
             cfg.server.listen
         )
     })?;
-    let mut resp = r
-        .client
-        .get(format!("{}/v1/admin/backup", r.base))
-        .bearer_auth(r.token.as_str())
-        .send()
-        .await
-        .map_err(|e| format!("request to {}: {}", r.base, with_causes(&e)))?;
-    if !resp.status().is_success() {
-        let s = resp.status();
-        let v: serde_json::Value = resp.json().await.unwrap_or_default();
-        return Err(format!(
-            "{} {}: {}",
-            s.as_u16(),
-            v["code"].as_str().unwrap_or(""),
-            v["detail"].as_str().unwrap_or("")
-        ));
-    }
+    let mut resp = r.backup().await.map_err(|e| e.to_string())?;
     let tmp = file.with_extension("partial");
     let mut f = crate::fsutil::create_private(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut n = 0u64;

@@ -1,7 +1,8 @@
 //! pdvault: an encrypted personal-data vault.
 //!
 //! `vault` is the core (no HTTP in it); `http` is a thin adapter over it and
-//! `cli` the operator's front end. The key hierarchy is in `keyring` (KEK
+//! `cli` the operator's front end, built on `client`, the typed HTTPS client
+//! that services calling the vault use too. The key hierarchy is in `keyring` (KEK
 //! epochs), `storage` (wrapped data keys, ciphertexts) and `crypto`.
 //! `unsafe` code is denied everywhere but in `secmem` (key pages).
 
@@ -9,6 +10,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod devkeys;

@@ -685,6 +685,22 @@ fn client_identity(ca: &Ca, cn: &str) -> reqwest::Identity {
     client_identity_dn(ca, &[(rcgen::DnType::CommonName, cn)])
 }
 
+/// A client certificate (CN only) and its key, as PEM files in `dir`.
+fn client_cert_files(ca: &Ca, cn: &str, dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    let (c, k) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
 /// A client certificate with the given subject attributes, in this order.
 fn client_identity_dn(ca: &Ca, dn: &[(rcgen::DnType, &str)]) -> reqwest::Identity {
     use rcgen::{CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
@@ -855,6 +871,39 @@ async fn mtls_requires_a_client_certificate_and_binds_tokens_to_it() {
     // An unbound token works over any accepted certificate.
     let r = read(&other, &order).await;
     assert_eq!(r.status, 200, "{}", r.text);
+
+    // The typed client, as a courier integration sets it up: the vault's CA
+    // file and its own certificate files.
+    let typed = |cn: &str, token: &str| {
+        let (c, k) = client_cert_files(&ca, cn, s.dir.path());
+        pdvault::client::Client::builder(&base)
+            .ca_file(s.keys_dir().join("tls-cert.pem"))
+            .unwrap()
+            .client_cert_files(c, k)
+            .unwrap()
+            .token(token)
+            .build()
+            .unwrap()
+    };
+    let got = typed("courier-kazpost", &bound_dn)
+        .read("delivery", &id, Some(&["address"]))
+        .await
+        .unwrap();
+    assert_eq!(got.fields["address"]["city"], "Almaty");
+    let e = typed("other", &bound_dn)
+        .read("delivery", &id, None)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Some("token_invalid"), "{e}");
+    let no_cert = pdvault::client::Client::builder(&base)
+        .ca_file(s.keys_dir().join("tls-cert.pem"))
+        .unwrap()
+        .token(bound_dn.as_str())
+        .build()
+        .unwrap();
+    let e = no_cert.health().await.err().unwrap();
+    assert!(matches!(e, pdvault::client::ClientError::Transport { .. }), "{e}");
 
     // A grant can be bound too.
     let r = send(

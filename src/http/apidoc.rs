@@ -7,7 +7,7 @@
 //! handler without its `#[utoipa::path]`, so no route exists undocumented.
 
 use crate::policy::Capability;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToResponse, ToSchema};
@@ -465,7 +465,7 @@ pub struct ReleasedFields {
 // Answers.
 
 /// A subject id and its version after a write.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct SubjectVersion {
     /// A subject id: a lower-case hyphenated UUID.
     #[schema(example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a")]
@@ -549,7 +549,7 @@ pub struct BatchResults {
 }
 
 /// The subject a look-up found.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct LookupResult {
     /// A subject id: a lower-case hyphenated UUID.
     #[schema(example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a")]
@@ -617,7 +617,7 @@ pub struct AccessLogPage {
 }
 
 /// A new token or grant. `token` is its text, shown this once only.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct TokenIssued {
     #[schema(pattern = "^tok_[0-9a-f]{16}$")]
     pub id: String,
@@ -671,7 +671,7 @@ pub struct TokenList {
 }
 
 /// The end of a key rotation.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct Rotation {
     /// The new key epoch.
     pub epoch: u32,
@@ -680,10 +680,10 @@ pub struct Rotation {
 }
 
 /// The key that verifies erasure receipts.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct PublicKey {
     #[schema(example = "Ed25519")]
-    pub alg: &'static str,
+    pub alg: String,
     /// The raw 32-byte Ed25519 public key, base64.
     #[schema(content_encoding = "base64")]
     pub public_key: String,
@@ -755,7 +755,7 @@ pub struct EventList {
 }
 
 /// The end of a retry.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct EventRetry {
     pub id: String,
     /// Dead deliveries sent again.
@@ -800,7 +800,7 @@ pub struct Status {
 }
 
 /// A single-use sign-in link to the subject's own page.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct SelfServiceLink {
     #[schema(example = "https://vault.example.kz/self/#code=3q2-7w")]
     pub url: String,
@@ -810,7 +810,7 @@ pub struct SelfServiceLink {
 }
 
 /// A self-service session; `token` is shown this once.
-#[derive(Serialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema)]
 pub struct SelfSession {
     pub token: String,
     #[schema(format = DateTime)]

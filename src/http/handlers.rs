@@ -161,7 +161,7 @@ pub async fn public_key(State(st): S) -> Response {
     json_response(
         StatusCode::OK,
         &PublicKey {
-            alg: "Ed25519",
+            alg: "Ed25519".into(),
             public_key: pk,
         },
     )

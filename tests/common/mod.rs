@@ -1,6 +1,9 @@
 //! Test kit: each test starts the real `pdvault` binary (`serve --dev`) on its
 //! own loopback port with fresh data and keys directories, and talks to it
-//! over real TLS with reqwest, trusting the dev certificate the server made.
+//! over real TLS, trusting the dev certificate the server made: through the
+//! typed client `pdvault::client` (what services use) for the kit's own
+//! steps (readiness, tokens, subjects), and through raw reqwest where a test
+//! sends what no well-behaved client would.
 #![allow(dead_code)]
 
 use reqwest::{Method, StatusCode};
@@ -28,6 +31,8 @@ pub struct Server {
     pub port: u16,
     pub child: Option<Child>,
     pub client: reqwest::Client,
+    /// The typed client with the admin token (set once the server is ready).
+    pub typed: Option<pdvault::client::Client>,
     pub admin: String,
     pub config: PathBuf,
     pub env: Vec<(String, String)>,
@@ -62,6 +67,7 @@ impl Server {
             port: free_port(),
             child: None,
             client: reqwest::Client::new(),
+            typed: None,
             admin: String::new(),
             config,
             env: env.into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
@@ -131,11 +137,17 @@ impl Server {
             if cert.exists() && self.keys_dir().join("admin.token").exists() {
                 let pem = std::fs::read(&cert).unwrap();
                 self.client = client_trusting(&pem, None);
-                if let Ok(r) = self.client.get(format!("{}/v1/health", self.base())).send().await {
-                    if r.status() == 200 {
-                        self.admin = std::fs::read_to_string(self.keys_dir().join("admin.token")).unwrap();
-                        return;
-                    }
+                let admin = std::fs::read_to_string(self.keys_dir().join("admin.token")).unwrap();
+                let typed = pdvault::client::Client::builder(self.base())
+                    .ca_pem(&pem)
+                    .unwrap()
+                    .token(admin.trim())
+                    .build()
+                    .unwrap();
+                if typed.health().await.is_ok_and(|h| h["status"] == "ok") {
+                    self.admin = admin;
+                    self.typed = Some(typed);
+                    return;
                 }
             }
             assert!(
@@ -220,21 +232,36 @@ impl Server {
         self.call(Method::POST, path, token, purpose, Some(body)).await
     }
 
-    /// Issues a token through the admin API; returns its text.
-    pub async fn token(&self, caller: &str, purposes: &[&str], caps: &[&str]) -> String {
-        let r = self.issue(caller, purposes, caps, 3600).await;
-        assert_eq!(r.status, 201, "{}", r.text);
-        r.body["token"].as_str().unwrap().to_string()
+    /// The typed client (`pdvault::client`), with the admin token.
+    pub fn api(&self) -> &pdvault::client::Client {
+        self.typed.as_ref().expect("the server is ready")
     }
 
-    /// Issues a token through the admin API; returns its text and its id.
+    /// The typed client with another token.
+    pub fn api_as(&self, token: &str) -> pdvault::client::Client {
+        self.api().with_token(token)
+    }
+
+    /// Issues a token through the admin API; returns its text.
+    pub async fn token(&self, caller: &str, purposes: &[&str], caps: &[&str]) -> String {
+        self.token_with_id(caller, purposes, caps).await.0
+    }
+
+    /// Issues a token through the admin API (the typed client); returns its text and its id.
     pub async fn token_with_id(&self, caller: &str, purposes: &[&str], caps: &[&str]) -> (String, String) {
-        let r = self.issue(caller, purposes, caps, 3600).await;
-        assert_eq!(r.status, 201, "{}", r.text);
-        (
-            r.body["token"].as_str().unwrap().to_string(),
-            r.body["id"].as_str().unwrap().to_string(),
-        )
+        let req = pdvault::client::IssueRequest {
+            caller: caller.into(),
+            purposes: purposes.iter().map(|p| p.to_string()).collect(),
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            ttl_seconds: 3600,
+            cert_subject: None,
+        };
+        let t = self
+            .api()
+            .issue_token(&req)
+            .await
+            .unwrap_or_else(|e| panic!("token issue: {e}"));
+        (t.token, t.id)
     }
 
     pub async fn issue(&self, caller: &str, purposes: &[&str], caps: &[&str], ttl: u64) -> Resp {
@@ -254,13 +281,10 @@ impl Server {
         .await
     }
 
-    /// Creates a subject under `order`; returns its id.
+    /// Creates a subject under `order` (the typed client); returns its id.
     pub async fn create(&self, token: &str, fields: Value) -> String {
-        let r = self
-            .post("/v1/subjects", token, Some("order"), json!({ "fields": fields }))
-            .await;
-        assert_eq!(r.status, 201, "{}", r.text);
-        r.body["id"].as_str().unwrap().to_string()
+        let r = self.api_as(token).create("order", &fields).await;
+        r.unwrap_or_else(|e| panic!("create: {e}")).id
     }
 
     /// Every byte of the data and keys directories.
