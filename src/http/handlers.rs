@@ -196,7 +196,16 @@ impl Drop for FieldsBody {
     params(PurposeHeaders),
     request_body = FieldsBody,
     responses(
-        (status = 201, description = "Created.", body = apidoc::SubjectVersion, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Location" = String, description = "`/v1/subjects/{id}` of the new subject."))),
+        (status = 201, description = "Created.", body = apidoc::SubjectVersion, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Location" = String, description = "`/v1/subjects/{id}` of the new subject.")),
+            links(
+                ("GetSubject" = (operation_id = "getSubject", parameters(("id" = "$response.body#/id")))),
+                ("PatchSubject" = (operation_id = "patchSubject", parameters(("id" = "$response.body#/id")))),
+                ("EraseSubject" = (operation_id = "eraseSubject", parameters(("id" = "$response.body#/id")))),
+                ("GetConsents" = (operation_id = "getConsents", parameters(("id" = "$response.body#/id")))),
+                ("SetConsent" = (operation_id = "setConsent", parameters(("id" = "$response.body#/id")))),
+                ("GetAccessLog" = (operation_id = "getAccessLog", parameters(("id" = "$response.body#/id")))),
+                ("CreateSelfServiceLink" = (operation_id = "createSelfServiceLink", parameters(("id" = "$response.body#/id"))))
+            )),
         (status = 400, response = apidoc::BadRequest),
         (status = 401, response = apidoc::Unauthorized),
         (status = 403, response = apidoc::Forbidden),
@@ -827,7 +836,8 @@ pub struct IssueBody {
     params(RequestIdHeader),
     request_body = IssueBody,
     responses(
-        (status = 201, description = "The token; `token` is shown this once.", body = apidoc::TokenIssued, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 201, description = "The token; `token` is shown this once.", body = apidoc::TokenIssued, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token.")),
+            links(("RevokeToken" = (operation_id = "revokeToken", parameters(("id" = "$response.body#/id")))))),
         (status = 400, response = apidoc::BadRequest),
         (status = 401, response = apidoc::Unauthorized),
         (status = 403, response = apidoc::Forbidden),
