@@ -75,6 +75,9 @@ enum Command {
     Audit(AuditCmd),
     /// New key epoch; every live data key re-wrapped.
     RotateKek,
+    /// The passphrase that unseals the keys directory.
+    #[command(subcommand)]
+    Passphrase(PassphraseCmd),
     /// Write a consistent backup of the data (through the running server).
     Backup { file: PathBuf },
     /// Restore a backup into an empty data directory (offline); replays the shred ledger.
@@ -116,6 +119,18 @@ enum TokenCmd {
     List,
     Revoke {
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PassphraseCmd {
+    /// Re-seal the keys under a new passphrase (offline: the server must be
+    /// stopped). The current one comes as usual (`--passphrase-file`,
+    /// `PDVAULT_PASSPHRASE`); the new one from `--new-passphrase-file` or
+    /// `PDVAULT_NEW_PASSPHRASE`.
+    Change {
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
     },
 }
 
@@ -296,6 +311,9 @@ async fn run(cli: Cli) -> CliResult {
         Command::Shred { id } => shred(&g, cfg, &id).await,
         Command::Events(e) => events(&g, cfg, e).await,
         Command::RotateKek => rotate(&g, cfg).await,
+        Command::Passphrase(PassphraseCmd::Change { new_passphrase_file }) => {
+            change_passphrase(&g, cfg, new_passphrase_file.as_deref()).await
+        }
         Command::Audit(a) => audit(cfg, a),
         Command::Backup { file } => backup(cfg, &file).await,
         Command::Restore { file } => restore(cfg, &file),
@@ -312,6 +330,44 @@ fn init(g: &Global, cfg: Config) -> CliResult {
     let token = vault.issue_first_admin().map_err(|e| e.to_string())?;
     println!("{}", token.expose());
     eprintln!("pdvault: keys created; the admin token above is shown once");
+    Ok(())
+}
+
+/// `pdvault passphrase change`: offline, because a running server keeps the
+/// old sealing in memory and would write it back on its next rotation. The
+/// data directory stays open (its lock held) while the keys are re-sealed,
+/// so no server can start meanwhile.
+async fn change_passphrase(g: &Global, cfg: Config, new_file: Option<&Path>) -> CliResult {
+    if remote(&cfg).await?.is_some() {
+        return Err(format!(
+            "a server answers at {}: stop it first (the passphrase is changed offline)",
+            server_addr(&cfg)?.0
+        ));
+    }
+    let new =
+        match new_file {
+            Some(f) => read_secret_file(f).map_err(|e| format!("new passphrase file {}: {e}", f.display()))?,
+            None => Zeroizing::new(std::env::var("PDVAULT_NEW_PASSPHRASE").map_err(|_| {
+                "no new passphrase: pass --new-passphrase-file or set PDVAULT_NEW_PASSPHRASE".to_string()
+            })?),
+        };
+    if new.trim().len() < 12 {
+        return Err("the new passphrase is shorter than 12 characters".into());
+    }
+    let dir = cfg.keys.dir.clone();
+    let held = local(g, cfg.clone())?;
+    let keys = open_keys(g, &cfg, false)?;
+    keys.change_passphrase(new.as_bytes()).map_err(|e| e.to_string())?;
+    // Dev keys keep their passphrase beside them: it follows the change.
+    let dev = dir.join(DEV_PASSPHRASE);
+    if dev.exists() {
+        crate::fsutil::write_atomic(&dev, new.as_bytes()).map_err(|e| format!("{}: {e}", dev.display()))?;
+    }
+    drop(held);
+    eprintln!(
+        "pdvault: the keys in {} are sealed under the new passphrase; the old one opens them no more",
+        dir.display()
+    );
     Ok(())
 }
 

@@ -11,6 +11,12 @@
 //!
 //! Destroying an epoch removes its sealed KEK from `master.key` (atomic
 //! rewrite); every data key still wrapped only under it becomes noise.
+//!
+//! Changing the passphrase re-seals the root secret, every KEK and the
+//! receipt key under a new salt. `master.key`'s atomic rewrite is the commit
+//! point: the new `receipt.key` is written beside it first (`receipt.key.next`)
+//! and moved into place after, and `open` finishes (or drops) a move that a
+//! crash interrupted, so the two files never disagree on the passphrase.
 
 use crate::crypto::{derive_key, Aead256, ReceiptKey, SecretKey};
 use crate::fsutil::{now_secs, write_atomic};
@@ -24,6 +30,8 @@ use zeroize::Zeroizing;
 
 pub const MASTER_FILE: &str = "master.key";
 pub const RECEIPT_FILE: &str = "receipt.key";
+/// The re-sealed `receipt.key` of a passphrase change, until it is moved into place.
+const RECEIPT_NEXT: &str = "receipt.key.next";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
@@ -293,6 +301,7 @@ impl Keyring {
             return Err(malformed("current epoch has no key"));
         }
         let receipt_path = dir.join(RECEIPT_FILE);
+        Self::settle_receipt_change(dir, &unseal)?;
         let rbytes = std::fs::read(&receipt_path).map_err(|source| KeyringError::Io {
             path: receipt_path.clone(),
             source,
@@ -322,6 +331,96 @@ impl Keyring {
                 destroyed: mf.destroyed,
             }),
         })
+    }
+
+    /// A passphrase change that a crash interrupted: `receipt.key.next` that
+    /// opens under the unseal key of the committed `master.key` belongs to it
+    /// (move it into place); one that does not is from a change that never
+    /// committed (remove it).
+    fn settle_receipt_change(dir: &Path, unseal: &SecretKey) -> Result<(), KeyringError> {
+        let next = dir.join(RECEIPT_NEXT);
+        let Ok(bytes) = std::fs::read(&next) else {
+            return Ok(());
+        };
+        let io = |source| KeyringError::Io {
+            path: next.clone(),
+            source,
+        };
+        let opens = serde_json::from_slice::<ReceiptFile>(&bytes)
+            .ok()
+            .and_then(|rf| B64.decode(&rf.sealed_seed).ok())
+            .is_some_and(|sealed| unseal.aead().open(&sealed, RECEIPT_AAD).is_ok());
+        if opens {
+            std::fs::rename(&next, dir.join(RECEIPT_FILE)).map_err(io)?;
+        } else {
+            std::fs::remove_file(&next).map_err(io)?;
+        }
+        crate::fsutil::sync_dir(dir).map_err(io)
+    }
+
+    /// Re-seals everything under `new_passphrase` (same Argon2id cost, a new
+    /// salt). The old passphrase opens these files no more; a copy of the
+    /// keys directory made before still opens with it (rotate the KEK and
+    /// let the old epochs be destroyed to make such a copy useless).
+    pub fn change_passphrase(self, new_passphrase: &[u8]) -> Result<Keyring, KeyringError> {
+        let (kdf, _) = self.kdf_file;
+        let salt = crate::crypto::random_bytes::<16>().to_vec();
+        let unseal = derive_unseal(new_passphrase, kdf, &salt)?;
+        let master = self.dir.join(MASTER_FILE);
+        let broken = |why: &str| KeyringError::Malformed {
+            path: master.clone(),
+            why: why.into(),
+        };
+        let root = self
+            .unseal
+            .aead()
+            .open(&self.sealed_root, ROOT_AAD)
+            .map_err(|_| broken("root"))?;
+        let sealed_root = unseal.aead().seal(root.expose(), ROOT_AAD);
+        let mut st = self.state.read().expect("keyring lock").clone();
+        for (n, e) in st.epochs.iter_mut() {
+            let kek = self
+                .unseal
+                .aead()
+                .open(&e.sealed, &epoch_aad(*n))
+                .map_err(|_| broken("a KEK does not open"))?;
+            e.sealed = unseal.aead().seal(kek.expose(), &epoch_aad(*n));
+        }
+        let rf = ReceiptFile {
+            format: 1,
+            alg: "Ed25519".into(),
+            public_key: B64.encode(self.receipt.public_key()),
+            sealed_seed: B64.encode(unseal.aead().seal(self.receipt.expose_seed().as_ref(), RECEIPT_AAD)),
+        };
+        let next = self.dir.join(RECEIPT_NEXT);
+        write_atomic(&next, &serde_json::to_vec_pretty(&rf).expect("json")).map_err(|source| KeyringError::Io {
+            path: next.clone(),
+            source,
+        })?;
+        let kr = Keyring {
+            dir: self.dir.clone(),
+            kdf_file: (kdf, salt),
+            unseal,
+            sealed_root,
+            derived: self.derived,
+            receipt: self.receipt,
+            state: RwLock::new(st),
+        };
+        if crate::faults::armed("PDVAULT_FAULT_PASSPHRASE_BEFORE_COMMIT_FILE") {
+            return Err(KeyringError::Io {
+                path: master,
+                source: std::io::Error::other("fault point: stopped before master.key was rewritten"),
+            });
+        }
+        kr.persist()?;
+        if crate::faults::armed("PDVAULT_FAULT_PASSPHRASE_AFTER_COMMIT_FILE") {
+            return Err(KeyringError::Io {
+                path: next,
+                source: std::io::Error::other("fault point: stopped before receipt.key was moved"),
+            });
+        }
+        Self::settle_receipt_change(&kr.dir, &kr.unseal)?;
+        Ok(kr)
     }
 
     /// The receipt public key, readable without the passphrase.

@@ -303,3 +303,83 @@ async fn a_failed_restore_leaves_nothing_behind_and_the_retry_works() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["subjects"], 1, "{report}");
 }
+
+/// `pdvault passphrase change`: refused while a server runs; afterwards the
+/// old passphrase opens nothing and the new one everything (data, receipts);
+/// a change stopped by a crash on either side of its commit point leaves
+/// the keys opening under exactly one passphrase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_passphrase_changes_offline_and_a_crash_leaves_one_that_opens() {
+    let mut s = Server::start().await;
+    let w = s.token("shop", &["order"], &["read", "write"]).await;
+    let id = s.create(&w, full_subject()).await;
+    let pk = s.api().receipt_public_key().await.unwrap().public_key;
+    let keys = s.keys_dir();
+    let old = std::fs::read_to_string(keys.join("dev-passphrase")).unwrap();
+    let change = |s: &Server, new: &str, env: &[(&str, &str)]| {
+        let mut c = s.cmd();
+        c.args(["passphrase", "change"]).env("PDVAULT_NEW_PASSPHRASE", new);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Opens the keys offline with an explicit passphrase (not the dev file).
+    let opens_with = |s: &Server, pass: &str| {
+        let out = s
+            .cmd()
+            .args(["token", "list"])
+            .env("PDVAULT_PASSPHRASE", pass)
+            .output()
+            .unwrap();
+        out.status.success()
+    };
+
+    let (ok, err) = change(&s, "a new passphrase, long enough", &[]);
+    assert!(!ok && err.contains("stop it first"), "{err}");
+    s.stop();
+    assert!(opens_with(&s, &old));
+
+    // A crash before master.key is rewritten: the old passphrase still opens,
+    // and the half-made receipt.key.next is dropped on the next open.
+    let fault = s.dir.path().join("fault");
+    std::fs::write(&fault, b"").unwrap();
+    let f = fault.to_str().unwrap();
+    let (ok, err) = change(
+        &s,
+        "first new passphrase",
+        &[("PDVAULT_FAULT_PASSPHRASE_BEFORE_COMMIT_FILE", f)],
+    );
+    assert!(!ok, "{err}");
+    assert!(keys.join("receipt.key.next").exists());
+    assert!(!opens_with(&s, "first new passphrase"));
+    assert!(opens_with(&s, &old));
+    assert!(!keys.join("receipt.key.next").exists());
+
+    // A crash after the commit: the new passphrase opens (and finishes the
+    // move of receipt.key), the old one no more.
+    let (ok, err) = change(
+        &s,
+        "second new passphrase",
+        &[("PDVAULT_FAULT_PASSPHRASE_AFTER_COMMIT_FILE", f)],
+    );
+    assert!(!ok, "{err}");
+    assert!(!opens_with(&s, &old));
+    assert!(opens_with(&s, "second new passphrase"));
+    assert!(!keys.join("receipt.key.next").exists());
+
+    // A clean change; the dev server, which reads its passphrase file, serves
+    // the same data with the same receipt key.
+    std::fs::write(keys.join("dev-passphrase"), "second new passphrase").unwrap();
+    let (ok, err) = change(&s, "third new passphrase", &[]);
+    assert!(ok, "{err}");
+    assert!(!opens_with(&s, "second new passphrase"));
+    assert!(opens_with(&s, "third new passphrase"));
+    let (ok, err) = change(&s, "short", &[]);
+    assert!(!ok && err.contains("shorter than 12"), "{err}");
+    s.restart().await;
+    assert_eq!(s.api().receipt_public_key().await.unwrap().public_key, pk);
+    let got = s.api_as(&w).read("order", &id, Some(&["surname"])).await.unwrap();
+    assert_eq!(got.fields["surname"], "Ivanova");
+}
