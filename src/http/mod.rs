@@ -282,14 +282,17 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(metrics))
 }
 
-/// The OpenAPI 3.1 document of this API, as served at `/v1/openapi.json`.
+static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The OpenAPI 3.1 document of this API, as served at `/v1/openapi.json`:
+/// the one `router` collected (or, without a router, built here).
 pub fn openapi_document() -> &'static str {
-    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DOC.get_or_init(|| apidoc::finish(documented().into_openapi()))
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let (router, _) = documented().split_for_parts();
+    let (router, doc) = documented().split_for_parts();
+    DOC.get_or_init(|| apidoc::finish(doc));
     router
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
