@@ -687,22 +687,22 @@ fn client_identity(ca: &Ca, cn: &str) -> reqwest::Identity {
 
 /// A client certificate (CN only) and its key, as PEM files in `dir`.
 fn client_cert_files(ca: &Ca, cn: &str, dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name = DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    let (cert, key) = client_cert_pem(ca, &[(rcgen::DnType::CommonName, cn)]);
     let (c, k) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
     (c, k)
 }
 
 /// A client certificate with the given subject attributes, in this order.
 fn client_identity_dn(ca: &Ca, dn: &[(rcgen::DnType, &str)]) -> reqwest::Identity {
+    let (cert, key) = client_cert_pem(ca, dn);
+    reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap()
+}
+
+/// A client certificate signed by `ca` with these subject attributes, and
+/// its key: (certificate PEM, key PEM).
+fn client_cert_pem(ca: &Ca, dn: &[(rcgen::DnType, &str)]) -> (String, String) {
     use rcgen::{CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -713,8 +713,7 @@ fn client_identity_dn(ca: &Ca, dn: &[(rcgen::DnType, &str)]) -> reqwest::Identit
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    let pem = format!("{}{}", cert.pem(), key.serialize_pem());
-    reqwest::Identity::from_pem(pem.as_bytes()).unwrap()
+    (cert.pem(), key.serialize_pem())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
