@@ -8,7 +8,7 @@
 //! when and the outcome; never a value, never a token.
 
 use crate::error::{Result, VaultError};
-use crate::storage::Flusher;
+use crate::storage::{Commit, Flusher, Space, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -108,7 +108,7 @@ pub struct AuditLog {
     /// `audit.fsync`: when false (benchmarks only) appends are written but not flushed.
     fsync: bool,
     poisoned: AtomicBool,
-    access: sled::Tree,
+    store: Store,
     fault_file: Option<PathBuf>,
 }
 
@@ -125,7 +125,7 @@ impl AuditLog {
     /// Opens the log, dropping a torn last line (never acknowledged), and
     /// brings the access-log index up to date. With `fsync` false (config
     /// `audit.fsync`, benchmarks only) appends skip the fdatasync.
-    pub fn open(data_dir: &Path, access: sled::Tree, meta: &sled::Tree, fsync: bool) -> Result<AuditLog> {
+    pub fn open(data_dir: &Path, store: &Store, fsync: bool) -> Result<AuditLog> {
         if !fsync {
             tracing::warn!(
                 "audit.fsync = false: benchmark-only: audit entries are not durable (a crash can lose acknowledged entries)"
@@ -140,9 +140,9 @@ impl AuditLog {
             .map(|b| (b.seq, b.hash))
             .unwrap_or((0, GENESIS.to_string()));
         let mut good_len = 0u64;
-        let indexed = meta
-            .get("audit_indexed")?
-            .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
+        let indexed = store
+            .get(Space::Meta, "audit_indexed")?
+            .map(|b| crate::storage::read_u64(&b))
             .unwrap_or(0);
         {
             let mut r = BufReader::new(File::open(&path)?);
@@ -157,7 +157,7 @@ impl AuditLog {
                 let e: AuditEntry = serde_json::from_str(line.trim_end())
                     .map_err(|_| VaultError::Internal(format!("audit log corrupt after seq {seq}")))?;
                 if e.seq > indexed {
-                    index_entry(&access, &e)?;
+                    index_entry(store, &e)?;
                 }
                 off += n as u64;
                 good_len = off;
@@ -170,7 +170,7 @@ impl AuditLog {
             file.sync_all()?;
         }
         file.seek(SeekFrom::End(0))?;
-        meta.insert("audit_indexed", &seq.to_be_bytes())?;
+        store.insert(Space::Meta, "audit_indexed", seq.to_be_bytes())?;
         let sync_file = file.try_clone()?;
         let fault_file = if cfg!(debug_assertions) {
             std::env::var_os("PDVAULT_FAULT_AUDIT_FILE").map(PathBuf::from)
@@ -192,7 +192,7 @@ impl AuditLog {
             }),
             fsync,
             poisoned: AtomicBool::new(false),
-            access,
+            store: store.clone(),
             fault_file,
         })
     }
@@ -269,7 +269,7 @@ impl AuditLog {
         }
         for e in &entries {
             // Derived data: rebuilt from the log at the next start if lost.
-            let _ = index_entry(&self.access, e);
+            let _ = index_entry(&self.store, e);
         }
         Ok(entries)
     }
@@ -354,7 +354,7 @@ struct AccessRecord<'a> {
     request_id: &'a str,
 }
 
-fn index_entry(access: &sled::Tree, e: &AuditEntry) -> Result<()> {
+fn index_entry(store: &Store, e: &AuditEntry) -> Result<()> {
     if e.outcome == "allowed" && is_release(&e.action) {
         if let Some(s) = &e.subject {
             let r = AccessRecord {
@@ -365,7 +365,11 @@ fn index_entry(access: &sled::Tree, e: &AuditEntry) -> Result<()> {
                 fields: e.fields.iter().map(String::as_str).collect(),
                 request_id: &e.request_id,
             };
-            access.insert(access_key(s, e.seq), postcard::to_stdvec(&r).expect("postcard"))?;
+            store.insert(
+                Space::Access,
+                access_key(s, e.seq),
+                postcard::to_stdvec(&r).expect("postcard"),
+            )?;
         }
     }
     Ok(())
@@ -373,16 +377,17 @@ fn index_entry(access: &sled::Tree, e: &AuditEntry) -> Result<()> {
 
 /// A page of a subject's access log: entries after `after`, at most `limit`.
 pub fn access_page(
-    access: &sled::Tree,
+    store: &Store,
     subject: &str,
     after: u64,
     limit: usize,
 ) -> Result<(Vec<serde_json::Value>, Option<u64>)> {
     let start = access_key(subject, after.saturating_add(1));
-    let end = access_key(subject, u64::MAX);
+    let mut prefix = subject.as_bytes().to_vec();
+    prefix.push(0);
     let mut out = Vec::new();
     let mut last = None;
-    for kv in access.range(start..=end) {
+    for kv in store.scan_from(Space::Access, &prefix, &start) {
         let (k, v) = kv?;
         if out.len() == limit {
             return Ok((out, last));
@@ -401,14 +406,14 @@ pub fn access_page(
 /// Who received a subject's data, from its access-log index: each caller
 /// and the names of the fields it was released.
 pub fn received_by(
-    access: &sled::Tree,
+    store: &Store,
     subject: &str,
 ) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>> {
     let mut p = subject.as_bytes().to_vec();
     p.push(0);
     let mut out: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
-    for v in access.scan_prefix(&p).values() {
-        let v = v?;
+    for kv in store.scan(Space::Access, &p) {
+        let (_, v) = kv?;
         let r: AccessRecord = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt access index"))?;
         if let Some(c) = r.caller {
             out.entry(c.to_owned())
@@ -420,11 +425,11 @@ pub fn received_by(
 }
 
 /// Removes a subject's access-log index (the audit log itself keeps its entries).
-pub fn forget_subject(access: &sled::Tree, subject: &str) -> Result<()> {
+pub fn forget_subject(store: &Store, c: &mut Commit, subject: &str) -> Result<()> {
     let mut p = subject.as_bytes().to_vec();
     p.push(0);
-    for k in access.scan_prefix(&p).keys() {
-        access.remove(k?)?;
+    for k in store.keys(Space::Access, &p)? {
+        c.remove(Space::Access, k);
     }
     Ok(())
 }

@@ -99,15 +99,6 @@ impl VaultError {
     }
 }
 
-impl From<sled::Error> for VaultError {
-    fn from(e: sled::Error) -> Self {
-        match e {
-            sled::Error::Io(io) => io.into(),
-            e => VaultError::Internal(format!("storage: {e}")),
-        }
-    }
-}
-
 impl From<std::io::Error> for VaultError {
     fn from(e: std::io::Error) -> Self {
         match e.kind() {
@@ -115,12 +106,6 @@ impl From<std::io::Error> for VaultError {
             std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => VaultError::StorageUnavailable,
             _ => VaultError::Internal(format!("io: {e}")),
         }
-    }
-}
-
-impl<E: std::fmt::Debug> From<sled::transaction::TransactionError<E>> for VaultError {
-    fn from(e: sled::transaction::TransactionError<E>) -> Self {
-        VaultError::Internal(format!("storage transaction: {e:?}"))
     }
 }
 

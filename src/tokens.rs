@@ -20,7 +20,7 @@ use crate::crypto::{ct_eq, hmac_parts, random_bytes, RecordMac, SecretKey};
 use crate::error::{Result, VaultError};
 use crate::ledger::Ledger;
 use crate::policy::{Capability, GrantScope, TokenView};
-use crate::storage::{Commit, KeyStore, Store};
+use crate::storage::{Commit, KeyStore, Space, Store};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -206,13 +206,15 @@ impl Tokens {
             grant: t.grant,
             hash: hex::encode(h),
         };
-        store.tokens.insert(rec.id.as_bytes(), self.encode(&rec))?;
-        store.token_hashes.insert(h, rec.id.as_bytes())?;
+        let mut c = Commit::default();
+        c.insert(Space::Tokens, &rec.id, self.encode(&rec));
+        c.insert(Space::TokenHashes, h, &rec.id);
+        store.apply(&c)?;
         Ok(rec)
     }
 
     fn load(&self, store: &Store, id: &str) -> Result<Option<TokenRecord>> {
-        match store.tokens.get(id.as_bytes())? {
+        match store.get(Space::Tokens, id)? {
             Some(b) => match self.decode(id, &b) {
                 Ok(r) => Ok(Some(r)),
                 Err(VaultError::TokenInvalid) => Ok(None),
@@ -233,7 +235,7 @@ impl Tokens {
         let rec = match cached {
             Some(r) => r,
             None => {
-                let Some(id) = store.token_hashes.get(h)? else {
+                let Some(id) = store.get(Space::TokenHashes, h)? else {
                     return Ok(None);
                 };
                 let id = String::from_utf8_lossy(&id).into_owned();
@@ -293,7 +295,7 @@ impl Tokens {
 
     pub fn list(&self, store: &Store) -> Result<Vec<TokenRecord>> {
         let mut out = vec![];
-        for kv in store.tokens.iter() {
+        for kv in store.scan(Space::Tokens, []) {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k).into_owned();
             if let Ok(mut r) = self.decode(&id, &v) {
@@ -334,7 +336,7 @@ impl Tokens {
         let changed = rec.revoked_at.is_none();
         if changed {
             rec.revoked_at = Some(now);
-            c.insert("tokens", id.as_bytes(), self.encode(&rec));
+            c.insert(Space::Tokens, id, self.encode(&rec));
         }
         let mut cache = self.cache.write().expect("token cache");
         for v in cache.values_mut() {
@@ -361,7 +363,7 @@ impl Tokens {
                 if rec.revoked_at.is_none() {
                     rec.revoked_at = Some(now);
                     let mut c = Commit::default();
-                    c.insert("tokens", id.as_bytes(), self.encode(&rec));
+                    c.insert(Space::Tokens, &id, self.encode(&rec));
                     also(&mut c, &rec)?;
                     store.apply(&c)?;
                     n += 1;
@@ -399,15 +401,15 @@ impl Tokens {
     pub fn put_code(&self, store: &Store, text: &str, code: &SelfCode) -> Result<()> {
         let key = self.code_key(text);
         let json = serde_json::to_vec(code).expect("json");
-        store.self_codes.insert(key, self.mac.seal("self-code", &key, &json))?;
+        store.insert(Space::SelfCodes, key, self.mac.seal("self-code", &key, &json))?;
         Ok(())
     }
 
-    /// Takes a code out (at most once: sled's remove is atomic), if it is
+    /// Takes a code out (at most once: the take is atomic), if it is
     /// known, authentic and unexpired. The caller flushes before using it.
     pub fn take_code(&self, store: &Store, text: &str, now: u64) -> Result<Option<SelfCode>> {
         let key = self.code_key(text);
-        let Some(stored) = store.self_codes.remove(key)? else {
+        let Some(stored) = store.take(Space::SelfCodes, key)? else {
             return Ok(None);
         };
         let code = self
@@ -420,14 +422,14 @@ impl Tokens {
     /// Drops expired codes (the scheduler's sweep).
     pub fn sweep_codes(&self, store: &Store, now: u64) -> Result<usize> {
         let mut n = 0;
-        for kv in store.self_codes.iter() {
+        for kv in store.scan(Space::SelfCodes, []) {
             let (k, v) = kv?;
             let live = <[u8; 32]>::try_from(k.as_ref()).ok().and_then(|key| {
                 let json = self.mac.open("self-code", &key, &v)?;
                 serde_json::from_slice::<SelfCode>(json).ok()
             });
             if live.is_none_or(|c| now >= c.expires_at) {
-                store.self_codes.remove(k)?;
+                store.remove(Space::SelfCodes, k)?;
                 n += 1;
             }
         }

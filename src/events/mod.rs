@@ -14,7 +14,7 @@ pub mod sender;
 use crate::config::{EventsConfig, SubscriberConfig};
 use crate::error::{Result, VaultError};
 use crate::fsutil::{now_secs, rfc3339};
-use crate::storage::{Commit, Store};
+use crate::storage::{Commit, Space, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -163,7 +163,11 @@ pub fn stage(store: &Store, cfg: &EventsConfig, c: &mut Commit, ev: NewEvent) ->
         per_subscriber: ev.per_subscriber,
         targets: to.iter().map(|s| s.name.clone()).collect(),
     };
-    c.insert("outbox", seq.to_be_bytes(), serde_json::to_vec(&rec).expect("json"));
+    c.insert(
+        Space::Outbox,
+        seq.to_be_bytes(),
+        serde_json::to_vec(&rec).expect("json"),
+    );
     for s in to {
         let d = Delivery {
             state: DeliveryState::Pending,
@@ -175,7 +179,7 @@ pub fn stage(store: &Store, cfg: &EventsConfig, c: &mut Commit, ev: NewEvent) ->
             last_error: None,
         };
         c.insert(
-            "deliveries",
+            Space::Deliveries,
             delivery_key(&s.name, seq),
             serde_json::to_vec(&d).expect("json"),
         );
@@ -192,7 +196,7 @@ pub fn fixed_event_id(kind: &str, key: &str) -> String {
 }
 
 pub fn load_event(store: &Store, seq: u64) -> Result<Option<EventRecord>> {
-    match store.outbox.get(seq.to_be_bytes())? {
+    match store.get(Space::Outbox, seq.to_be_bytes())? {
         Some(b) => Ok(Some(decode(&b, "event record")?)),
         None => Ok(None),
     }
@@ -203,7 +207,7 @@ pub fn queue(store: &Store, subscriber: &str, limit: usize) -> Result<Vec<(u64, 
     let mut p = subscriber.as_bytes().to_vec();
     p.push(0);
     let mut out = vec![];
-    for kv in store.deliveries.scan_prefix(&p).take(limit) {
+    for kv in store.scan(Space::Deliveries, &p).take(limit) {
         let (k, v) = kv?;
         out.push((seq_of(&k), decode(&v, "delivery")?));
     }
@@ -211,21 +215,22 @@ pub fn queue(store: &Store, subscriber: &str, limit: usize) -> Result<Vec<(u64, 
 }
 
 pub fn put_delivery(store: &Store, subscriber: &str, seq: u64, d: &Delivery) -> Result<()> {
-    store
-        .deliveries
-        .insert(delivery_key(subscriber, seq), serde_json::to_vec(d).expect("json"))?;
-    Ok(())
+    store.insert(
+        Space::Deliveries,
+        delivery_key(subscriber, seq),
+        serde_json::to_vec(d).expect("json"),
+    )
 }
 
 /// A delivery is done: forgets it, and the event once no subscriber waits.
 pub fn delivered(store: &Store, ev: &EventRecord, subscriber: &str) -> Result<()> {
-    store.deliveries.remove(delivery_key(subscriber, ev.seq))?;
+    store.remove(Space::Deliveries, delivery_key(subscriber, ev.seq))?;
     let mut left = false;
     for t in &ev.targets {
-        left |= store.deliveries.contains_key(delivery_key(t, ev.seq))?;
+        left |= store.contains(Space::Deliveries, delivery_key(t, ev.seq))?;
     }
     if !left {
-        store.outbox.remove(ev.seq.to_be_bytes())?;
+        store.remove(Space::Outbox, ev.seq.to_be_bytes())?;
     }
     Ok(())
 }
@@ -280,12 +285,12 @@ impl Filter {
 /// Undelivered events with their deliveries, oldest first.
 pub fn list(store: &Store, filter: Filter, limit: usize) -> Result<Vec<EventView>> {
     let mut out = vec![];
-    for kv in store.outbox.iter() {
+    for kv in store.scan(Space::Outbox, []) {
         let (_, v) = kv?;
         let ev: EventRecord = decode(&v, "event record")?;
         let mut deliveries = vec![];
         for t in &ev.targets {
-            let Some(b) = store.deliveries.get(delivery_key(t, ev.seq))? else {
+            let Some(b) = store.get(Space::Deliveries, delivery_key(t, ev.seq))? else {
                 continue;
             };
             let d: Delivery = decode(&b, "delivery")?;
@@ -318,7 +323,7 @@ pub fn list(store: &Store, filter: Filter, limit: usize) -> Result<Vec<EventView
 /// Sends an event's dead deliveries again, with a fresh dead clock. Returns
 /// how many were re-queued; `None` when no undelivered event has that id.
 pub fn retry(store: &Store, id: &str) -> Result<Option<usize>> {
-    for kv in store.outbox.iter() {
+    for kv in store.scan(Space::Outbox, []) {
         let (_, v) = kv?;
         let ev: EventRecord = decode(&v, "event record")?;
         if ev.id != id {
@@ -326,7 +331,7 @@ pub fn retry(store: &Store, id: &str) -> Result<Option<usize>> {
         }
         let mut n = 0;
         for t in &ev.targets {
-            let Some(b) = store.deliveries.get(delivery_key(t, ev.seq))? else {
+            let Some(b) = store.get(Space::Deliveries, delivery_key(t, ev.seq))? else {
                 continue;
             };
             let mut d: Delivery = decode(&b, "delivery")?;
@@ -352,7 +357,7 @@ pub fn depth(store: &Store, cfg: &EventsConfig) -> Result<Vec<(String, u64, u64)
         let (mut n, mut oldest) = (0u64, None::<u64>);
         let mut p = s.name.as_bytes().to_vec();
         p.push(0);
-        for kv in store.deliveries.scan_prefix(&p) {
+        for kv in store.scan(Space::Deliveries, &p) {
             let (_, v) = kv?;
             let d: Delivery = decode(&v, "delivery")?;
             if d.state == DeliveryState::Pending {

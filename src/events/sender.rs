@@ -155,7 +155,10 @@ async fn pass(vault: &Vault, sub: &Subscriber) -> crate::error::Result<Option<u6
             continue;
         }
         let Some(ev) = load_event(store, seq)? else {
-            store.deliveries.remove(super::delivery_key(&sub.cfg.name, seq))?;
+            store.remove(
+                crate::storage::Space::Deliveries,
+                super::delivery_key(&sub.cfg.name, seq),
+            )?;
             continue;
         };
         let outcome = send(sub, &ev).await;

@@ -308,8 +308,8 @@ impl Vault {
         let abort_after = crate::faults::rotate_abort_after();
         let mut rewrapped = 0u64;
         let mut since_flush = 0;
-        let (total, mut scanned) = (self.keystore.keys.len() as u64, 0u64);
-        for kv in self.keystore.keys.iter() {
+        let (total, mut scanned) = (self.keystore.count()?, 0u64);
+        for kv in self.keystore.store.scan(Space::Wrapped, []) {
             let (k, v) = kv?;
             scanned += 1;
             if scanned % 256 == 0 {
@@ -319,7 +319,7 @@ impl Vault {
             if w.epoch >= rot.target {
                 continue;
             }
-            let Some((id, version)) = parse_dek_key(&k) else {
+            let Some((id, version)) = crate::storage::parse_dek_key(&k) else {
                 continue;
             };
             let Some(old) = self.keyring.kek(w.epoch) else {
@@ -338,24 +338,25 @@ impl Vault {
                 sealed: target_kek.seal(raw.expose(), &dek_aad(id, version, rot.target)),
             };
             // Compare-and-swap: a concurrent edit or erasure wins.
-            let _ =
-                self.keystore
-                    .keys
-                    .compare_and_swap(&k, Some(&v), Some(postcard::to_stdvec(&nw).expect("postcard")))?;
+            let new = postcard::to_stdvec(&nw).expect("postcard");
+            self.keystore.store.update(Space::Wrapped, &k, &mut |cur| match cur {
+                Some(c) if c == v.as_slice() => Some(new.clone()),
+                other => other.map(<[u8]>::to_vec),
+            })?;
             rewrapped += 1;
             since_flush += 1;
             if since_flush >= 10_000 {
-                self.keystore.flusher.sync().await?;
+                self.keystore.flusher().sync().await?;
                 since_flush = 0;
             }
             if abort_after.is_some_and(|n| rewrapped >= n) {
-                self.keystore.flusher.sync().await?;
+                self.keystore.flusher().sync().await?;
                 tracing::error!("fault point: aborting in the middle of a rotation");
                 std::process::abort();
             }
         }
         progress(scanned, total);
-        self.keystore.flusher.sync().await?;
+        self.keystore.flusher().sync().await?;
         self.keyring
             .finish_rotation(now_secs())
             .map_err(|e| VaultError::Internal(e.to_string()))?;
@@ -482,9 +483,9 @@ impl Vault {
                 .audit
                 .last_checkpoint()
                 .map(|c| StatusCheckpoint { seq: c.seq, at: c.at }),
-            subjects: self.store.subjects.len() as u64,
-            erased: self.store.erased.len() as u64,
-            tokens: self.store.tokens.len() as u64,
+            subjects: self.store.count(Space::Subjects)?,
+            erased: self.store.count(Space::Erased)?,
+            tokens: self.store.count(Space::Tokens)?,
             events_pending: pending.iter().map(|(_, n, _)| n).sum(),
         })
     }

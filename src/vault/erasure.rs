@@ -52,7 +52,7 @@ impl Vault {
     }
 
     fn stored_receipt(&self, id: &str) -> Result<Option<Erasure>> {
-        Ok(match self.store.erased.get(id.as_bytes())? {
+        Ok(match self.store.get(Space::Erased, id)? {
             Some(b) => {
                 let v: Value = serde_json::from_slice(&b).map_err(|_| VaultError::internal("corrupt receipt"))?;
                 Some(Erasure {
@@ -86,7 +86,7 @@ impl Vault {
         let signature = crate::receipt::sign(self.keyring.receipt_key(), &receipt);
         let entry = self.ledger.append(id, &receipt, &signature)?;
         self.keystore.remove_all(id)?;
-        self.keystore.flusher.sync().await?;
+        self.keystore.flusher().sync().await?;
         let c = purge_subject(&self.store, &entry, &self.cfg.events)?;
         self.store.flusher.sync().await?;
         self.committed(&c);
@@ -98,16 +98,15 @@ impl Vault {
         let end = activity_key(cutoff, "");
         let ids: Vec<String> = self
             .store
-            .activity
-            .range(..end)
-            .keys()
-            .filter_map(|k| k.ok())
-            .map(|k| String::from_utf8_lossy(&k[8..]).into_owned())
+            .scan(Space::Activity, [])
+            .filter_map(|kv| kv.ok())
+            .take_while(|(k, _)| k.as_slice() < end.as_slice())
+            .map(|(k, _)| String::from_utf8_lossy(&k[8..]).into_owned())
             .collect();
         let mut n = 0;
         for id in ids {
             let _lock = self.stripe(&id).lock().await;
-            let Some(b) = self.store.subjects.get(id.as_bytes())? else {
+            let Some(b) = self.store.get(Space::Subjects, &id)? else {
                 continue;
             };
             let rec = SubjectRecord::decode(&b)?;
@@ -155,10 +154,10 @@ impl Vault {
 fn purge_subject(store: &Store, e: &LedgerEntry, events: &crate::config::EventsConfig) -> Result<Commit> {
     let id = e.id.as_str();
     let mut c = Commit::default();
-    if !store.erased.contains_key(id.as_bytes())? {
+    if !store.contains(Space::Erased, id)? {
         let v = json!({"receipt": e.receipt, "signature": e.signature, "ledger_seq": e.seq});
-        c.insert("erased", id.as_bytes(), serde_json::to_vec(&v).expect("json"));
-        let received = crate::audit::received_by(&store.access, id)?;
+        c.insert(Space::Erased, id, serde_json::to_vec(&v).expect("json"));
+        let received = crate::audit::received_by(store, id)?;
         let per_subscriber = events
             .subscribers
             .iter()
@@ -182,20 +181,29 @@ fn purge_subject(store: &Store, e: &LedgerEntry, events: &crate::config::EventsC
         crate::events::stage(store, events, &mut c, ev)?;
         store.apply(&c)?;
     }
-    if let Some(b) = store.subjects.get(id.as_bytes())? {
+    let mut data = Commit::default();
+    if let Some(b) = store.get(Space::Subjects, id)? {
         if let Ok(rec) = SubjectRecord::decode(&b) {
-            for ix in &rec.index {
-                store.index.remove(Vault::index_entry_key(ix, id))?;
-            }
-            store.activity.remove(activity_key(rec.updated_at, id))?;
+            remove_subject(&mut data, id, &rec);
+        } else {
+            data.remove(Space::Subjects, id);
         }
-        store.subjects.remove(id.as_bytes())?;
     }
-    for k in store.consents.scan_prefix(consent_prefix(id)).keys() {
-        store.consents.remove(k?)?;
+    for k in store.keys(Space::Consents, consent_prefix(id))? {
+        data.remove(Space::Consents, k);
     }
-    crate::audit::forget_subject(&store.access, id)?;
+    crate::audit::forget_subject(store, &mut data, id)?;
+    store.apply(&data)?;
     Ok(c)
+}
+
+/// Adds the removal of a subject's record, index entries and activity time.
+fn remove_subject(c: &mut Commit, id: &str, rec: &SubjectRecord) {
+    for ix in &rec.index {
+        c.remove(Space::Index, Vault::index_entry_key(ix, id));
+    }
+    c.remove(Space::Activity, activity_key(rec.updated_at, id));
+    c.remove(Space::Subjects, id);
 }
 
 /// Applies the shred ledger to a data directory (and the key store): every
@@ -208,8 +216,7 @@ pub fn replay_ledger(
     events: &crate::config::EventsConfig,
 ) -> Result<usize> {
     let applied = store
-        .meta
-        .get("ledger_applied")?
+        .get(Space::Meta, "ledger_applied")?
         .and_then(|b| serde_json::from_slice::<(u64, String)>(&b).ok());
     let start = match applied {
         Some((seq, hash)) if seq >= 1 && entries.get(seq as usize - 1).is_some_and(|e| e.hash == hash) => seq as usize,
@@ -222,12 +229,13 @@ pub fn replay_ledger(
         n += 1;
     }
     if let Some(last) = entries.last() {
-        store.meta.insert(
+        store.insert(
+            Space::Meta,
             "ledger_applied",
             serde_json::to_vec(&(last.seq, &last.hash)).expect("json"),
         )?;
     }
-    keystore.flusher.sync_blocking()?;
+    keystore.flusher().sync_blocking()?;
     store.flusher.sync_blocking()?;
     Ok(n)
 }
@@ -278,14 +286,14 @@ fn restore_into(cfg: &Config, keystore: &KeyStore, input: &mut dyn std::io::Read
         crate::audit::write_base(dir, &base)?;
     }
     let (_, entries) = Ledger::open(&cfg.keys.dir)?;
-    store.meta.remove("ledger_applied")?;
+    store.remove(Space::Meta, "ledger_applied")?;
     let replayed = replay_ledger(&store, keystore, &entries, &cfg.events)?;
     // Revocations are replayed against the token records at the next start
     // (which needs the keyring); until then no server runs on this directory,
     // and every lookup checks the revocation ledger in any case.
     let (_, revocations) = Ledger::open_file(cfg.keys.dir.join(crate::ledger::REVOCATION_FILE))?;
     let mut unrecoverable = vec![];
-    for kv in store.subjects.iter() {
+    for kv in store.scan(Space::Subjects, []) {
         let (k, v) = kv?;
         let id = String::from_utf8_lossy(&k).into_owned();
         let rec = SubjectRecord::decode(&v)?;
@@ -293,20 +301,17 @@ fn restore_into(cfg: &Config, keystore: &KeyStore, input: &mut dyn std::io::Read
             unrecoverable.push((id, rec));
         }
     }
+    let mut c = Commit::default();
     for (id, rec) in &unrecoverable {
-        for ix in &rec.index {
-            store.index.remove(Vault::index_entry_key(ix, id))?;
-        }
-        store.activity.remove(activity_key(rec.updated_at, id))?;
-        store.subjects.remove(id.as_bytes())?;
+        remove_subject(&mut c, id, rec);
     }
-    store.flusher.sync_blocking()?;
+    store.commit_blocking(&c)?;
     Ok(json!({
         "records": records,
         "backup": header,
         "ledger_entries_replayed": replayed,
         "revocations_on_record": revocations.len(),
-        "subjects": store.subjects.len(),
+        "subjects": store.count(Space::Subjects)?,
         "unrecoverable": unrecoverable.iter().map(|(id, _)| id).collect::<Vec<_>>(),
     }))
 }

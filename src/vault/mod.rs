@@ -25,7 +25,7 @@ use crate::ledger::{Ledger, LedgerEntry};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::{Action, Allowed, Capability, FieldsAsked, GrantScope, Request, SubjectState};
 use crate::release::{release, ReleaseForm};
-use crate::storage::{dek_key, parse_dek_key, Commit, KeyStore, Store, SubjectRecord, WrappedKey};
+use crate::storage::{Commit, KeyStore, Space, Store, SubjectRecord, WrappedKey};
 use crate::tokens::{new_token_id, Authenticated, NewToken, TokenRecord, TokenSecret, Tokens};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -203,8 +203,7 @@ impl Vault {
         let keystore = KeyStore::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
         let (ledger, entries) = Ledger::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
         replay_ledger(&store, &keystore, &entries, &cfg.events).map_err(|e| e.to_string())?;
-        let audit = AuditLog::open(&cfg.data_dir, store.access.clone(), &store.meta, cfg.audit.fsync)
-            .map_err(|e| e.to_string())?;
+        let audit = AuditLog::open(&cfg.data_dir, &store, cfg.audit.fsync).map_err(|e| e.to_string())?;
         let (revocations, revoked) =
             Ledger::open_file(cfg.keys.dir.join(crate::ledger::REVOCATION_FILE)).map_err(|e| e.to_string())?;
         let tokens = Tokens::new(
@@ -469,7 +468,7 @@ impl Vault {
     ) -> Result<u64> {
         let took = self.tokens.take_uses(&self.keystore, auth, n)?;
         if auth.max_uses().is_some() && took > 0 {
-            self.keystore.flusher.sync().await?;
+            self.keystore.flusher().sync().await?;
         }
         if took == 0 && n > 0 {
             return Err(self
@@ -483,10 +482,10 @@ impl Vault {
         if !valid_subject_id(id) {
             return Ok((SubjectState::NotFound, None));
         }
-        if self.store.erased.contains_key(id.as_bytes())? {
+        if self.store.contains(Space::Erased, id)? {
             return Ok((SubjectState::Erased, None));
         }
-        let Some(bytes) = self.store.subjects.get(id.as_bytes())? else {
+        let Some(bytes) = self.store.get(Space::Subjects, id)? else {
             return Ok((SubjectState::NotFound, None));
         };
         let rec = SubjectRecord::decode(&bytes)?;
@@ -670,42 +669,39 @@ impl Vault {
         items: Vec<(String, WrappedKey, SubjectRecord, Option<SubjectRecord>)>,
         mut c: Commit,
     ) -> Result<()> {
-        let mut kb = sled::Batch::default();
+        let mut kc = Commit::default();
         for (id, w, rec, _) in &items {
-            kb.insert(dek_key(id, rec.version), postcard::to_stdvec(w).expect("postcard"));
+            KeyStore::stage_put(&mut kc, id, rec.version, w);
         }
-        self.keystore.keys.apply_batch(kb)?;
-        self.keystore.flusher.sync().await?;
+        self.keystore.store.commit(&kc).await?;
         // One counter reservation for the whole batch (the counter orders
         // duplicate emails/phones: the most recent write wins a lookup).
         let first = self.store.reserve_counter("index_stamp", items.len() as u64)?;
         for (stamp, (id, _, rec, old)) in (first..).zip(items.iter()) {
             if let Some(old) = old {
                 for ix in &old.index {
-                    c.remove("index", Self::index_entry_key(ix, id));
+                    c.remove(Space::Index, Self::index_entry_key(ix, id));
                 }
-                c.remove("activity", activity_key(old.updated_at, id));
+                c.remove(Space::Activity, activity_key(old.updated_at, id));
             }
             for ix in &rec.index {
-                c.insert("index", Self::index_entry_key(ix, id), stamp.to_be_bytes());
+                c.insert(Space::Index, Self::index_entry_key(ix, id), stamp.to_be_bytes());
             }
-            c.insert("activity", activity_key(rec.updated_at, id), []);
-            c.insert("subjects", id.as_bytes(), rec.encode());
+            c.insert(Space::Activity, activity_key(rec.updated_at, id), []);
+            c.insert(Space::Subjects, id, rec.encode());
         }
-        self.store.apply(&c)?;
-        self.store.flusher.sync().await?;
+        self.store.commit(&c).await?;
         self.committed(&c);
         // The previous version's key is no longer needed: an old value left in
-        // sled's files dies with it.
-        let mut removed = false;
+        // the store's files dies with it.
+        let mut old_keys = Commit::default();
         for (id, _, _, old) in &items {
             if let Some(old) = old {
-                self.keystore.keys.remove(dek_key(id, old.version))?;
-                removed = true;
+                old_keys.remove(Space::Wrapped, crate::storage::dek_key(id, old.version));
             }
         }
-        if removed {
-            self.keystore.flusher.sync().await?;
+        if !old_keys.is_empty() {
+            self.keystore.store.commit(&old_keys).await?;
         }
         Ok(())
     }

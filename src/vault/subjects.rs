@@ -323,13 +323,13 @@ impl Vault {
         let ix = self.index_key(field, normalized.expose());
         let scope = auth.record.grant.as_ref().map(|g| &g.subjects);
         let mut best: Option<(u64, String)> = None;
-        for kv in self.store.index.scan_prefix(&ix) {
+        for kv in self.store.scan(Space::Index, &ix) {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[ix.len()..]).into_owned();
             if scope.is_some_and(|s| !s.contains(&id)) {
                 continue;
             }
-            let stamp = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+            let stamp = crate::storage::read_u64(&v);
             if best.as_ref().is_none_or(|(s, _)| stamp > *s) {
                 best = Some((stamp, id));
             }
@@ -364,7 +364,7 @@ impl Vault {
     /// consent is no consent.
     fn consent_records(&self, id: &str) -> Result<Vec<Value>> {
         let mut out = vec![];
-        for kv in self.store.consents.scan_prefix(consent_prefix(id)) {
+        for kv in self.store.scan(Space::Consents, consent_prefix(id)) {
             let (k, v) = kv?;
             match self
                 .records
@@ -474,25 +474,24 @@ impl Vault {
             .records
             .seal("consent", &k, &serde_json::to_vec(&rec).expect("json"));
         let mut c = Commit::default();
-        c.insert("consents", k, sealed);
+        c.insert(Space::Consents, k, sealed);
         self.touch(&mut c, id)?;
         let data = json!({"subject": id, "purpose": purpose, "granted": granted});
         self.stage_event(&mut c, NewEvent::about("consent.changed", id, data))?;
-        self.store.apply(&c)?;
-        self.store.flusher.sync().await?;
+        self.store.commit(&c).await?;
         self.committed(&c);
         Ok(rec)
     }
 
     /// Marks a write as activity (for the retention sweeper).
     fn touch(&self, c: &mut Commit, id: &str) -> Result<()> {
-        if let Some(b) = self.store.subjects.get(id.as_bytes())? {
+        if let Some(b) = self.store.get(Space::Subjects, id)? {
             let mut rec = SubjectRecord::decode(&b)?;
             let now = now_secs();
-            c.remove("activity", activity_key(rec.updated_at, id));
+            c.remove(Space::Activity, activity_key(rec.updated_at, id));
             rec.updated_at = now;
-            c.insert("activity", activity_key(now, id), []);
-            c.insert("subjects", id.as_bytes(), rec.encode());
+            c.insert(Space::Activity, activity_key(now, id), []);
+            c.insert(Space::Subjects, id, rec.encode());
         }
         Ok(())
     }
@@ -520,7 +519,7 @@ impl Vault {
         .await?;
         self.record(vec![self.draft(ctx, Some(auth), "access_log", Some(id), vec![], None)])
             .await?;
-        let (entries, next) = crate::audit::access_page(&self.store.access, id, after, limit.clamp(1, 1000))?;
+        let (entries, next) = crate::audit::access_page(&self.store, id, after, limit.clamp(1, 1000))?;
         Ok(json!({"id": id, "entries": entries, "next": next.map(|n| n.to_string())}))
     }
 }

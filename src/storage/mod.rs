@@ -1,0 +1,571 @@
+//! The storage seam: what the core needs from a store, and nothing of how a
+//! store keeps it.
+//!
+//! A store is a set of ordered key spaces ([`Space`]) behind the
+//! [`Backend`] trait: point reads, ordered prefix scans, atomic units of work
+//! ([`Commit`]), an atomic read-modify-write for counters, and a durability
+//! point ([`Backend::flush`], coalesced by the group-commit [`Flusher`]).
+//! Two stores are opened: the data store (subjects, blind index, tokens,
+//! consents, erasure markers, activity, access-log index, outbox) and the key
+//! store (wrapped data keys and grant use counters), which no backup of the
+//! data ever carries.
+//!
+//! The vault speaks to [`Store`] and [`KeyStore`] only; which engine is under
+//! them is decided in [`open`]. `sled` (the embedded default) is the one
+//! module that names its engine. The backup stream format is in `backup`.
+//!
+//! Nothing here sees plaintext: values are ciphertexts, wrapped keys, HMACs
+//! and metadata.
+
+use crate::error::{Result, VaultError};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+mod backup;
+mod sled;
+
+/// A key space of a store. Names are stable: they are the sled tree names
+/// and the tags of the backup stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Space {
+    Subjects,
+    Index,
+    Tokens,
+    TokenHashes,
+    Consents,
+    Erased,
+    Activity,
+    Access,
+    Meta,
+    /// Self-service link codes (minutes-long, single use): not in backups.
+    SelfCodes,
+    /// Events waiting to be delivered: not in backups, so a restore never
+    /// sends old news again.
+    Outbox,
+    /// Per-subscriber delivery state of the outbox's events.
+    Deliveries,
+    /// Key store: wrapped data keys, one per subject version.
+    Wrapped,
+    /// Key store: uses taken of limited grants.
+    GrantUses,
+}
+
+impl Space {
+    /// The data store's spaces, the backed-up ones first.
+    pub const DATA: &'static [Space] = &[
+        Space::Subjects,
+        Space::Index,
+        Space::Tokens,
+        Space::TokenHashes,
+        Space::Consents,
+        Space::Erased,
+        Space::Activity,
+        Space::Access,
+        Space::Meta,
+        Space::SelfCodes,
+        Space::Outbox,
+        Space::Deliveries,
+    ];
+    /// The spaces a backup holds, in stream order: all the data store's
+    /// but the short-lived codes and the outbox.
+    pub const BACKED_UP: &'static [Space] = Space::DATA.split_at(9).0;
+    /// The key store's spaces.
+    pub const KEYS: &'static [Space] = &[Space::Wrapped, Space::GrantUses];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Space::Subjects => "subjects",
+            Space::Index => "index",
+            Space::Tokens => "tokens",
+            Space::TokenHashes => "token_hashes",
+            Space::Consents => "consents",
+            Space::Erased => "erased",
+            Space::Activity => "activity",
+            Space::Access => "access",
+            Space::Meta => "meta",
+            Space::SelfCodes => "self_codes",
+            Space::Outbox => "outbox",
+            Space::Deliveries => "deliveries",
+            Space::Wrapped => "wrapped",
+            Space::GrantUses => "grant_uses",
+        }
+    }
+
+    pub fn from_name(n: &str) -> Option<Space> {
+        Space::DATA.iter().chain(Space::KEYS).copied().find(|s| s.name() == n)
+    }
+}
+
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+/// Entries in key order.
+pub type Entries<'a> = Box<dyn Iterator<Item = Result<Entry>> + Send + 'a>;
+/// A read-modify-write step: the current value in, the new one out (`None`
+/// removes). May run more than once; the last run is the one applied.
+pub type Update<'a> = &'a mut dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>>;
+
+/// What a storage engine provides. Every method is atomic on its own;
+/// `apply` is atomic across spaces. Writes become durable when `flush`
+/// returns (an engine that commits durably in `apply` flushes nothing).
+pub trait Backend: Send + Sync + 'static {
+    fn get(&self, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Entries whose key starts with `prefix` and is `>= from`, in key order.
+    fn scan<'a>(&'a self, s: Space, prefix: &[u8], from: &[u8]) -> Entries<'a>;
+    fn count(&self, s: Space) -> Result<u64>;
+    fn apply(&self, c: &Commit) -> Result<()>;
+    /// Atomically replaces the value of `k` by `f(current)`; returns the
+    /// previous value.
+    fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>>;
+    fn flush(&self) -> std::io::Result<()>;
+}
+
+/// Coalesces durability requests: every caller waiting when a flush starts is
+/// answered by that one flush (group commit), so N concurrent writers cost
+/// one fsync, not N.
+pub struct Flusher {
+    tx: mpsc::Sender<Reply>,
+}
+
+type Reply = Box<dyn FnOnce(std::result::Result<(), (std::io::ErrorKind, String)>) + Send>;
+
+fn flush_error((kind, msg): (std::io::ErrorKind, String)) -> VaultError {
+    std::io::Error::new(kind, format!("flush: {msg}")).into()
+}
+
+impl Flusher {
+    pub fn spawn<F>(name: &str, flush: F) -> Flusher
+    where
+        F: Fn() -> std::io::Result<()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<Reply>();
+        std::thread::Builder::new()
+            .name(format!("flush-{name}"))
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    waiters.extend(rx.try_iter());
+                    let r = flush().map_err(|e| (e.kind(), e.to_string()));
+                    for w in waiters {
+                        w(r.clone());
+                    }
+                }
+            })
+            .expect("spawn flusher thread");
+        Flusher { tx }
+    }
+
+    /// Returns once everything written before the call is on disk.
+    pub async fn sync(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let reply: Reply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        self.tx
+            .send(reply)
+            .map_err(|_| VaultError::internal("flusher stopped"))?;
+        rx.await
+            .map_err(|_| VaultError::internal("flusher stopped"))?
+            .map_err(flush_error)
+    }
+
+    /// The same, for synchronous callers (CLI, startup).
+    pub fn sync_blocking(&self) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        let reply: Reply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        self.tx
+            .send(reply)
+            .map_err(|_| VaultError::internal("flusher stopped"))?;
+        rx.recv()
+            .map_err(|_| VaultError::internal("flusher stopped"))?
+            .map_err(flush_error)
+    }
+}
+
+/// A unit of work: changes to any spaces of one store, applied atomically
+/// by `Store::apply` (a change and the event that reports it land together).
+/// Durable once `Store::commit` (or the flusher after `apply`) returned.
+#[derive(Default)]
+pub struct Commit {
+    ops: Vec<(Space, Vec<u8>, Option<Vec<u8>>)>,
+    /// Set by the vault when an event was staged: the sender is woken once
+    /// the commit is durable.
+    pub has_events: bool,
+}
+
+impl Commit {
+    pub fn insert(&mut self, s: Space, k: impl AsRef<[u8]>, v: impl AsRef<[u8]>) {
+        self.ops.push((s, k.as_ref().to_vec(), Some(v.as_ref().to_vec())));
+    }
+    pub fn remove(&mut self, s: Space, k: impl AsRef<[u8]>) {
+        self.ops.push((s, k.as_ref().to_vec(), None));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    /// The changes in order: key, and the new value (`None`: removed). A
+    /// later change of the same key wins.
+    pub fn ops(&self) -> impl Iterator<Item = (Space, &[u8], Option<&[u8]>)> {
+        self.ops.iter().map(|(s, k, v)| (*s, k.as_slice(), v.as_deref()))
+    }
+}
+
+/// One subject as stored: field ciphertexts under the data key of `version`.
+#[derive(Serialize, Deserialize, Clone)]
+pub struct SubjectRecord {
+    pub version: u64,
+    pub created_at: u64,
+    pub updated_at: u64,
+    /// Field name to `nonce || ciphertext || tag`.
+    pub fields: Vec<(String, Vec<u8>)>,
+    /// Blind-index keys (HMACs) of this version, so that an erasure or a
+    /// ledger replay can remove them without any key.
+    pub index: Vec<Vec<u8>>,
+}
+
+impl SubjectRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("postcard encoding of an in-memory record")
+    }
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        postcard::from_bytes(b).map_err(|e| VaultError::Internal(format!("corrupt subject record: {e}")))
+    }
+}
+
+/// A subject's data key, wrapped under the KEK of `epoch`.
+#[derive(Serialize, Deserialize, Clone)]
+pub struct WrappedKey {
+    pub epoch: u32,
+    pub sealed: Vec<u8>,
+}
+
+/// A store: one engine's spaces, with the group commit in front of its
+/// durability point. Cloning shares the engine.
+#[derive(Clone)]
+pub struct Store {
+    engine: Arc<dyn Backend>,
+    pub flusher: Arc<Flusher>,
+}
+
+impl Store {
+    fn over(name: &str, engine: Arc<dyn Backend>) -> Store {
+        let e = engine.clone();
+        Store {
+            flusher: Arc::new(Flusher::spawn(name, move || {
+                crate::faults::enospc()?;
+                e.flush()
+            })),
+            engine,
+        }
+    }
+
+    /// The embedded data store in `dir` (the sled backend).
+    pub fn open(dir: &Path) -> Result<Store> {
+        crate::fsutil::create_private_dir(dir)?;
+        Ok(Store::over(
+            "data",
+            Arc::new(sled::Engine::open(&dir.join("db"), Space::DATA)?),
+        ))
+    }
+
+    pub fn get(&self, s: Space, k: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        self.engine.get(s, k.as_ref())
+    }
+    pub fn contains(&self, s: Space, k: impl AsRef<[u8]>) -> Result<bool> {
+        Ok(self.get(s, k)?.is_some())
+    }
+    /// Entries whose key starts with `prefix`, in key order.
+    pub fn scan(&self, s: Space, prefix: impl AsRef<[u8]>) -> Entries<'_> {
+        let p = prefix.as_ref();
+        self.engine.scan(s, p, p)
+    }
+    /// Entries whose key starts with `prefix` and is `>= from`.
+    pub fn scan_from(&self, s: Space, prefix: impl AsRef<[u8]>, from: impl AsRef<[u8]>) -> Entries<'_> {
+        self.engine.scan(s, prefix.as_ref(), from.as_ref())
+    }
+    /// Every key of a space starting with `prefix`.
+    pub fn keys(&self, s: Space, prefix: impl AsRef<[u8]>) -> Result<Vec<Vec<u8>>> {
+        self.scan(s, prefix).map(|kv| kv.map(|(k, _)| k)).collect()
+    }
+    pub fn count(&self, s: Space) -> Result<u64> {
+        self.engine.count(s)
+    }
+    /// Applies a unit of work atomically: after a crash all of it is there or
+    /// none. Durable once the flusher has run after it.
+    pub fn apply(&self, c: &Commit) -> Result<()> {
+        if c.is_empty() {
+            return Ok(());
+        }
+        self.engine.apply(c)
+    }
+    /// Applies a unit of work and returns once it is durable.
+    pub async fn commit(&self, c: &Commit) -> Result<()> {
+        self.apply(c)?;
+        self.flusher.sync().await
+    }
+    /// The same, for synchronous callers (CLI, startup).
+    pub fn commit_blocking(&self, c: &Commit) -> Result<()> {
+        self.apply(c)?;
+        self.flusher.sync_blocking()
+    }
+    /// One change on its own (atomic, durable at the next flush).
+    pub fn insert(&self, s: Space, k: impl AsRef<[u8]>, v: impl AsRef<[u8]>) -> Result<()> {
+        let mut c = Commit::default();
+        c.insert(s, k, v);
+        self.apply(&c)
+    }
+    pub fn remove(&self, s: Space, k: impl AsRef<[u8]>) -> Result<()> {
+        let mut c = Commit::default();
+        c.remove(s, k);
+        self.apply(&c)
+    }
+    /// Removes a key and returns its value, atomically: of two concurrent
+    /// takers, one gets it.
+    pub fn take(&self, s: Space, k: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        self.engine.update(s, k.as_ref(), &mut |_| None)
+    }
+    /// Atomic read-modify-write; returns the previous value.
+    pub fn update(&self, s: Space, k: impl AsRef<[u8]>, f: Update<'_>) -> Result<Option<Vec<u8>>> {
+        self.engine.update(s, k.as_ref(), f)
+    }
+
+    /// Next value of a persistent counter in `meta`.
+    pub fn next_counter(&self, name: &str) -> Result<u64> {
+        self.reserve_counter(name, 1)
+    }
+
+    /// Reserves `n` consecutive values of a persistent counter; returns the first.
+    pub fn reserve_counter(&self, name: &str, n: u64) -> Result<u64> {
+        let old = self.update(Space::Meta, name, &mut |old| {
+            Some((old.map(read_u64).unwrap_or(0) + n).to_be_bytes().to_vec())
+        })?;
+        Ok(old.as_deref().map(read_u64).unwrap_or(0) + 1)
+    }
+
+    /// Writes a consistent snapshot of every backed-up space. The caller
+    /// holds the write gate, so no write runs meanwhile.
+    pub fn write_backup(&self, out: &mut dyn Write, header: &serde_json::Value) -> Result<u64> {
+        backup::write(self, out, header)
+    }
+
+    /// Loads a backup stream into this (empty) store, checking its digest.
+    /// Returns the backup's header and the number of records.
+    pub fn read_backup(&self, input: &mut dyn Read) -> Result<(serde_json::Value, u64)> {
+        let (header, c, n) = backup::read(input)?;
+        self.commit_blocking(&c)?;
+        Ok((header, n))
+    }
+}
+
+pub fn read_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))
+}
+
+/// Wrapped data keys and grant use counters, in the key store: what no
+/// backup of the data may carry back (a restored backup must neither
+/// resurrect a key nor reset a grant's uses).
+#[derive(Clone)]
+pub struct KeyStore {
+    pub store: Store,
+}
+
+pub fn dek_key(subject: &str, version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(subject.len() + 9);
+    k.extend_from_slice(subject.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// Splits a key-store key back into subject id and version.
+pub fn parse_dek_key(k: &[u8]) -> Option<(&str, u64)> {
+    if k.len() < 9 || k[k.len() - 9] != 0 {
+        return None;
+    }
+    let (id, rest) = k.split_at(k.len() - 9);
+    Some((
+        std::str::from_utf8(id).ok()?,
+        u64::from_be_bytes(rest[1..].try_into().ok()?),
+    ))
+}
+
+fn decode_wrapped(b: &[u8]) -> Result<WrappedKey> {
+    postcard::from_bytes(b).map_err(|e| VaultError::Internal(format!("corrupt wrapped key: {e}")))
+}
+
+impl KeyStore {
+    /// The embedded key store under the keys directory (the sled backend).
+    pub fn open(keys_dir: &Path) -> Result<KeyStore> {
+        let engine = sled::Engine::open(&keys_dir.join("datakeys"), Space::KEYS)?;
+        Ok(KeyStore {
+            store: Store::over("keys", Arc::new(engine)),
+        })
+    }
+
+    pub fn flusher(&self) -> &Flusher {
+        &self.store.flusher
+    }
+
+    pub fn get(&self, subject: &str, version: u64) -> Result<Option<WrappedKey>> {
+        self.store
+            .get(Space::Wrapped, dek_key(subject, version))?
+            .map(|b| decode_wrapped(&b))
+            .transpose()
+    }
+
+    /// Adds the wrapped keys to `c` (applied by the caller).
+    pub fn stage_put(c: &mut Commit, subject: &str, version: u64, w: &WrappedKey) {
+        c.insert(
+            Space::Wrapped,
+            dek_key(subject, version),
+            postcard::to_stdvec(w).expect("postcard"),
+        );
+    }
+
+    pub fn put(&self, subject: &str, version: u64, w: &WrappedKey) -> Result<()> {
+        let mut c = Commit::default();
+        Self::stage_put(&mut c, subject, version, w);
+        self.store.apply(&c)
+    }
+
+    pub fn remove(&self, subject: &str, version: u64) -> Result<()> {
+        self.store.remove(Space::Wrapped, dek_key(subject, version))
+    }
+
+    /// Every wrapped key: subject id, version and the key.
+    pub fn all(&self) -> impl Iterator<Item = Result<(String, u64, WrappedKey)>> + '_ {
+        self.store.scan(Space::Wrapped, []).filter_map(|kv| {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e)),
+            };
+            let (id, version) = parse_dek_key(&k)?;
+            Some(decode_wrapped(&v).map(|w| (id.to_owned(), version, w)))
+        })
+    }
+
+    pub fn count(&self) -> Result<u64> {
+        self.store.count(Space::Wrapped)
+    }
+
+    /// How many uses of a limited grant were taken.
+    pub fn uses(&self, grant_id: &str) -> Result<u64> {
+        Ok(self
+            .store
+            .get(Space::GrantUses, grant_id)?
+            .map(|b| read_u64(&b))
+            .unwrap_or(0))
+    }
+
+    /// Takes up to `n` of the `max` uses of a grant, atomically; returns how
+    /// many were taken. Not durable until the key store's flusher has run.
+    pub fn take_uses(&self, grant_id: &str, max: u64, n: u64) -> Result<u64> {
+        let mut took = 0;
+        self.store.update(Space::GrantUses, grant_id, &mut |old| {
+            let used = old.map(read_u64).unwrap_or(0);
+            took = n.min(max.saturating_sub(used));
+            Some((used + took).to_be_bytes().to_vec())
+        })?;
+        Ok(took)
+    }
+
+    /// Removes every version of a subject's key.
+    pub fn remove_all(&self, subject: &str) -> Result<usize> {
+        let mut prefix = subject.as_bytes().to_vec();
+        prefix.push(0);
+        let keys = self.store.keys(Space::Wrapped, &prefix)?;
+        let mut c = Commit::default();
+        for k in &keys {
+            c.remove(Space::Wrapped, k);
+        }
+        self.store.apply(&c)?;
+        Ok(keys.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_reserve_consecutive_ranges() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.next_counter("c").unwrap(), 1);
+        assert_eq!(s.reserve_counter("c", 10).unwrap(), 2);
+        assert_eq!(s.next_counter("c").unwrap(), 12);
+    }
+
+    #[test]
+    fn backups_hold_what_they_always_held() {
+        let names: Vec<_> = Space::BACKED_UP.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "subjects",
+                "index",
+                "tokens",
+                "token_hashes",
+                "consents",
+                "erased",
+                "activity",
+                "access",
+                "meta"
+            ]
+        );
+    }
+
+    #[test]
+    fn dek_keys_round_trip() {
+        let k = dek_key("4f1c", 7);
+        assert_eq!(parse_dek_key(&k), Some(("4f1c", 7)));
+    }
+
+    #[tokio::test]
+    async fn group_commit_answers_everyone() {
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = count.clone();
+        let f = std::sync::Arc::new(Flusher::spawn("t", move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }));
+        let mut hs = vec![];
+        for _ in 0..50 {
+            let f = f.clone();
+            hs.push(tokio::spawn(async move { f.sync().await }));
+        }
+        for h in hs {
+            h.await.unwrap().unwrap();
+        }
+        let flushes = count.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(flushes < 50, "50 waiters took {flushes} flushes");
+    }
+
+    #[test]
+    fn backup_round_trip_and_corruption() {
+        let a = tempfile::tempdir().unwrap();
+        let s = Store::open(a.path()).unwrap();
+        s.insert(Space::Subjects, b"id1", b"cipher").unwrap();
+        s.insert(Space::Index, b"ix", b"id1").unwrap();
+        let mut buf = vec![];
+        assert_eq!(s.write_backup(&mut buf, &serde_json::json!({"x": 1})).unwrap(), 2);
+        let b = tempfile::tempdir().unwrap();
+        let t = Store::open(b.path()).unwrap();
+        let (h, n) = t.read_backup(&mut buf.as_slice()).unwrap();
+        assert_eq!((h["x"].as_i64(), n), (Some(1), 2));
+        assert_eq!(t.get(Space::Subjects, b"id1").unwrap().unwrap().as_slice(), b"cipher");
+        let mut bad = buf.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 1;
+        let c = tempfile::tempdir().unwrap();
+        let u = Store::open(c.path()).unwrap();
+        assert!(u.read_backup(&mut bad.as_slice()).is_err());
+        assert_eq!(u.count(Space::Subjects).unwrap(), 0);
+    }
+}

@@ -1,0 +1,122 @@
+//! The embedded backend: each space is a sled tree of one sled database
+//! (`data/db` for the data store, `keys/datakeys` for the key store). The
+//! only module that names sled.
+//!
+//! sled runs with its periodic flush off: a write is durable when the group
+//! commit's `flush` returns, and only then is a 2xx answered.
+
+use super::{Backend, Commit, Entries, Space, Update};
+use crate::error::{Result, VaultError};
+use ::sled::Transactional;
+use std::path::Path;
+
+pub(super) struct Engine {
+    db: ::sled::Db,
+    /// Trees by `Space` discriminant; `None` for the other store's spaces.
+    trees: Vec<Option<::sled::Tree>>,
+}
+
+fn err(e: ::sled::Error) -> VaultError {
+    match e {
+        ::sled::Error::Io(io) => io.into(),
+        e => VaultError::Internal(format!("storage: {e}")),
+    }
+}
+
+impl Engine {
+    /// Opens (creating if needed) a sled database with a tree per space,
+    /// mapping its lock error to a clear message.
+    pub(super) fn open(path: &Path, spaces: &[Space]) -> Result<Engine> {
+        let db = ::sled::Config::new()
+            .path(path)
+            .mode(::sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                ::sled::Error::Io(io) if io.to_string().contains("lock") => {
+                    VaultError::Internal(format!("{} is in use by another pdvault process", path.display()))
+                }
+                other => err(other),
+            })?;
+        let mut trees = vec![None; Space::DATA.len() + Space::KEYS.len()];
+        for s in spaces {
+            trees[*s as usize] = Some(db.open_tree(s.name()).map_err(err)?);
+        }
+        Ok(Engine { db, trees })
+    }
+
+    fn tree(&self, s: Space) -> Result<&::sled::Tree> {
+        self.trees[s as usize]
+            .as_ref()
+            .ok_or_else(|| VaultError::internal(format!("no space {} in this store", s.name())))
+    }
+}
+
+impl Backend for Engine {
+    fn get(&self, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree(s)?.get(k).map_err(err)?.map(|v| v.to_vec()))
+    }
+
+    fn scan<'a>(&'a self, s: Space, prefix: &[u8], from: &[u8]) -> Entries<'a> {
+        let tree = match self.tree(s) {
+            Ok(t) => t,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        let prefix = prefix.to_vec();
+        let start = if from > prefix.as_slice() {
+            from.to_vec()
+        } else {
+            prefix.clone()
+        };
+        Box::new(
+            tree.range(start..)
+                .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+                .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(err)),
+        )
+    }
+
+    fn count(&self, s: Space) -> Result<u64> {
+        Ok(self.tree(s)?.len() as u64)
+    }
+
+    fn apply(&self, c: &Commit) -> Result<()> {
+        let mut batches: std::collections::BTreeMap<Space, ::sled::Batch> = Default::default();
+        for (s, k, v) in c.ops() {
+            let b = batches.entry(s).or_default();
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        let spaces: Vec<Space> = batches.keys().copied().collect();
+        let trees: Vec<&::sled::Tree> = spaces.iter().map(|s| self.tree(*s)).collect::<Result<_>>()?;
+        if let [tree] = trees.as_slice() {
+            let batch = batches.into_values().next().expect("one batch");
+            return tree.apply_batch(batch).map_err(err);
+        }
+        trees
+            .as_slice()
+            .transaction(|txs| {
+                for (tx, s) in txs.iter().zip(&spaces) {
+                    tx.apply_batch(&batches[s])?;
+                }
+                Ok(())
+            })
+            .map_err(|e: ::sled::transaction::TransactionError<()>| match e {
+                ::sled::transaction::TransactionError::Storage(e) => err(e),
+                ::sled::transaction::TransactionError::Abort(()) => VaultError::internal("transaction aborted"),
+            })
+    }
+
+    fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree(s)?.fetch_and_update(k, f).map_err(err)?.map(|v| v.to_vec()))
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        match self.db.flush() {
+            Ok(_) => Ok(()),
+            Err(::sled::Error::Io(e)) => Err(e),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
