@@ -82,6 +82,8 @@ enum Command {
     Backup { file: PathBuf },
     /// Restore a backup into an empty data directory (offline); replays the shred ledger.
     Restore { file: PathBuf },
+    /// Create or migrate the database schema (postgres backend) without serving.
+    Migrate,
     /// The configuration in effect.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -317,6 +319,10 @@ async fn run(cli: Cli) -> CliResult {
         Command::Audit(a) => audit(cfg, a),
         Command::Backup { file } => backup(cfg, &file).await,
         Command::Restore { file } => restore(cfg, &file),
+        Command::Migrate => {
+            println!("{}", crate::storage::migrate(&cfg).map_err(|e| e.to_string())?);
+            Ok(())
+        }
         Command::BenchBaseline { body_bytes } => bench_baseline(cfg, body_bytes).await,
         Command::Status => status(&g, cfg).await,
         Command::Config(ConfigCmd::Show) => unreachable!("answered before the config is resolved"),
@@ -435,6 +441,12 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
         .min(cfg.keys.rotate_every)
         .min(cfg.audit.checkpoint_every)
         .max(std::time::Duration::from_secs(1));
+    if vault.on_shared_store() {
+        // Announced before the first answer: a rotation on another node
+        // started from now on sees this one.
+        vault.announce().map_err(|e| e.to_string())?;
+    }
+    let heartbeat = crate::scheduler::spawn_heartbeat(vault.clone());
     let sched = crate::scheduler::spawn(vault.clone(), tick);
     let senders = crate::events::sender::spawn(vault.clone(), subscribers);
     let state = Arc::new(AppState {
@@ -448,6 +460,9 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
     }
     http::server::serve(listener, tls, app, &cfg, http::server::shutdown_signal()).await;
     sched.abort();
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     senders.iter().for_each(|s| s.abort());
     vault.store().flusher.sync().await.map_err(|e| e.to_string())?;
     // The final head is signed at shutdown.

@@ -149,12 +149,12 @@ pub enum Backend {
     /// The embedded default: one node, data in `data_dir`.
     #[default]
     Sled,
-    /// Several nodes over one PostgreSQL: accepted by the parser so that the
-    /// keys are known, refused at start until that backend exists.
+    /// Several nodes over one PostgreSQL (`url`, `keys_url`).
     Postgres,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[storage]`. Its `Debug` leaves the URLs out (they may hold a password).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub backend: Backend,
@@ -186,6 +186,20 @@ impl Default for StorageConfig {
     }
 }
 
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("backend", &self.backend)
+            .field("data_dir", &self.data_dir)
+            .field("url", &self.url.as_ref().map(|_| "(set)"))
+            .field("keys_url", &self.keys_url.as_ref().map(|_| "(set)"))
+            .field("pool_size", &self.pool_size)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
 fn check_storage(s: &StorageConfig) -> Result<(), ConfigError> {
     if !matches!(s.tls.as_str(), "disable" | "require" | "verify-full") {
         return Err(ConfigError::Invalid(format!(
@@ -193,12 +207,7 @@ fn check_storage(s: &StorageConfig) -> Result<(), ConfigError> {
             s.tls
         )));
     }
-    match s.backend {
-        Backend::Sled => Ok(()),
-        Backend::Postgres => Err(ConfigError::Invalid(
-            "storage.backend = \"postgres\": this build serves only the sled backend".into(),
-        )),
-    }
+    crate::storage::check_config(s).map_err(ConfigError::Invalid)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -516,6 +525,7 @@ pub struct Overrides {
 pub struct Config {
     pub server: ServerConfig,
     pub data_dir: PathBuf,
+    pub storage: StorageConfig,
     pub keys: KeysConfig,
     pub audit: AuditConfig,
     pub retention: RetentionConfig,
@@ -639,11 +649,7 @@ impl Config {
     /// TOML, every layer applied and checked, secrets redacted.
     pub fn show(path: &Path, ov: &Overrides) -> Result<String, ConfigError> {
         let file = Self::layers_at(path, ov)?;
-        // Checked as it would run, except that a backend this build cannot
-        // serve is still shown: `show` is how one prepares for it.
-        let mut checked = file.clone();
-        checked.storage.backend = Backend::Sled;
-        Self::resolve(checked).map_err(|e| at_path(e, path))?;
+        Self::resolve(file.clone()).map_err(|e| at_path(e, path))?;
         let mut v = toml::Value::try_from(&file).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         redact(&mut v, "");
         toml::to_string(&v).map_err(|e| ConfigError::Invalid(e.to_string()))
@@ -683,7 +689,8 @@ impl Config {
         let policy = build_policy(file.policy, file.fields, file.purposes)?;
         Ok(Config {
             server,
-            data_dir: file.storage.data_dir,
+            data_dir: file.storage.data_dir.clone(),
+            storage: file.storage,
             keys,
             audit: file.audit,
             retention: file.retention,
@@ -965,12 +972,54 @@ mod tests {
     }
 
     #[test]
-    fn postgres_is_known_but_refused_and_tls_modes_checked() {
-        let e = with_env(&[("PDVAULT_STORAGE__BACKEND", "postgres")], &Overrides::default());
-        assert!(e.unwrap_err().to_string().contains("postgres"));
+    fn postgres_settings_are_checked_at_start() {
+        let pg = |extra: &[(&str, &str)]| {
+            let mut vars = vec![
+                ("PDVAULT_STORAGE__BACKEND", "postgres"),
+                (
+                    "PDVAULT_STORAGE__URL",
+                    "postgresql://pdvault:hunter2@db.internal/pdvault",
+                ),
+                (
+                    "PDVAULT_STORAGE__KEYS_URL",
+                    "postgresql://pdvault:hunter2@db.internal/pdvault_keys",
+                ),
+            ];
+            vars.extend_from_slice(extra);
+            with_env(&vars, &Overrides::default())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        pg(&[]).unwrap();
+        let e = pg(&[(
+            "PDVAULT_STORAGE__KEYS_URL",
+            "postgresql://pdvault:hunter2@db.internal/pdvault",
+        )])
+        .unwrap_err();
+        assert!(e.contains("same database"), "{e}");
+        let e = pg(&[("PDVAULT_STORAGE__TLS", "disable")]).unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+        let e = pg(&[("PDVAULT_STORAGE__TLS", "verify-full")]).unwrap_err();
+        assert!(e.contains("ca_file"), "{e}");
+        let e = pg(&[("PDVAULT_STORAGE__URL", "mysql://x")]).unwrap_err();
+        assert!(e.contains("storage.url") && !e.contains("hunter2"), "{e}");
+        let e = with_env(&[("PDVAULT_STORAGE__BACKEND", "postgres")], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("storage.keys_url"), "{e}");
+        let local = [
+            ("PDVAULT_STORAGE__URL", "postgresql://pdvault@127.0.0.1:5433/a"),
+            ("PDVAULT_STORAGE__KEYS_URL", "postgresql://pdvault@localhost:5433/b"),
+            ("PDVAULT_STORAGE__TLS", "disable"),
+        ];
+        pg(&local).unwrap();
         let e = with_env(&[("PDVAULT_STORAGE__TLS", "maybe")], &Overrides::default());
         assert!(e.unwrap_err().to_string().contains("storage.tls"));
         with_env(&[("PDVAULT_STORAGE__BACKEND", "sled")], &Overrides::default()).unwrap();
+        let c = with_env(
+            &[("PDVAULT_STORAGE__URL", "postgresql://u:hunter2@h/d")],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

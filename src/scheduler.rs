@@ -10,6 +10,24 @@ use std::time::Duration;
 /// How often the scheduler wakes.
 pub const TICK: Duration = Duration::from_secs(60);
 
+/// On a shared store: announces this node every `HEARTBEAT` (so that a
+/// rotation elsewhere knows it serves). `None` on a store of its own.
+pub fn spawn_heartbeat(vault: Arc<Vault>) -> Option<tokio::task::JoinHandle<()>> {
+    vault.on_shared_store().then(|| {
+        tokio::spawn(async move {
+            loop {
+                let v = vault.clone();
+                match tokio::task::spawn_blocking(move || v.announce()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "could not announce this node"),
+                    Err(e) => tracing::error!(error = %e, "node announcement task failed"),
+                }
+                tokio::time::sleep(crate::vault::HEARTBEAT).await;
+            }
+        })
+    })
+}
+
 pub fn spawn(vault: Arc<Vault>, tick: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_sweep = 0u64;

@@ -117,6 +117,9 @@ pub struct Tokens {
     key: SecretKey,
     mac: RecordMac,
     cache: RwLock<HashMap<[u8; 32], Arc<TokenRecord>>>,
+    /// The store is shared with other nodes: no record is served from this
+    /// process's cache, so a revocation on any node holds on the next call.
+    shared: bool,
     /// Ids named by the revocation ledger.
     revoked: RwLock<HashSet<String>>,
     ledger: Ledger,
@@ -149,9 +152,17 @@ impl Tokens {
             key: SecretKey::from_bytes(key.expose_secret()).expect("32 bytes"),
             mac: RecordMac::new(SecretKey::from_bytes(mac_key.expose_secret()).expect("32 bytes")),
             cache: RwLock::new(HashMap::new()),
+            shared: false,
             revoked: RwLock::new(revoked.into_iter().collect()),
             ledger,
         }
+    }
+
+    /// For a store that other nodes write too: every lookup reads the
+    /// token's records from the store.
+    pub fn on_shared_store(mut self) -> Tokens {
+        self.shared = true;
+        self
     }
 
     fn hash(&self, text: &str) -> [u8; 32] {
@@ -231,7 +242,10 @@ impl Tokens {
     /// Finds the token behind a bearer text. `None` when unknown.
     pub fn lookup(&self, store: &Store, keystore: &KeyStore, text: &str) -> Result<Option<Authenticated>> {
         let h = self.hash(text);
-        let cached = self.cache.read().expect("token cache").get(&h).cloned();
+        let cached = match self.shared {
+            true => None,
+            false => self.cache.read().expect("token cache").get(&h).cloned(),
+        };
         let rec = match cached {
             Some(r) => r,
             None => {
@@ -248,7 +262,9 @@ impl Tokens {
                 }
                 crate::faults::pause("PDVAULT_FAULT_TOKEN_FILL_PAUSE", &r.caller);
                 let r = Arc::new(r);
-                self.cache.write().expect("token cache").insert(h, r.clone());
+                if !self.shared {
+                    self.cache.write().expect("token cache").insert(h, r.clone());
+                }
                 r
             }
         };

@@ -77,6 +77,10 @@ async fn config_show_prints_every_layer_with_secrets_redacted() {
             "PDVAULT_STORAGE__URL",
             "postgresql://pdvault:s3cr3t-pw@db.internal:5432/pdvault",
         )
+        .env(
+            "PDVAULT_STORAGE__KEYS_URL",
+            "postgresql://pdvault:s3cr3t-pw@db.internal:5432/pdvault_keys",
+        )
         .env("PDVAULT_KEYS__ROTATE_EVERY", "12h")
         .env("PDVAULT_STORAGE__BACKEND", "postgres")
         .output()
@@ -87,7 +91,6 @@ async fn config_show_prints_every_layer_with_secrets_redacted() {
     assert!(show.contains("public_url = \"https://vault.example.kz\""), "{show}");
     assert!(show.contains("rotate_every = \"12h\""), "{show}");
     assert!(show.contains("[purposes.delivery]"), "{show}");
-    // Shown although this build would refuse to serve it.
     assert!(show.contains("backend = \"postgres\""), "{show}");
     assert!(!show.contains("s3cr3t-pw"), "a password was printed: {show}");
     assert!(show.contains("pdvault:REDACTED@db.internal"), "{show}");

@@ -26,32 +26,37 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 mod backup;
+mod postgres;
 mod sled;
 
-/// A key space of a store. Names are stable: they are the sled tree names
-/// and the tags of the backup stream.
+/// A key space of a store. Names and numbers are stable: the names are the
+/// sled tree names and the tags of the backup stream, the numbers the
+/// `space` column of the PostgreSQL table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Space {
-    Subjects,
-    Index,
-    Tokens,
-    TokenHashes,
-    Consents,
-    Erased,
-    Activity,
-    Access,
-    Meta,
+    Subjects = 0,
+    Index = 1,
+    Tokens = 2,
+    TokenHashes = 3,
+    Consents = 4,
+    Erased = 5,
+    Activity = 6,
+    Access = 7,
+    Meta = 8,
     /// Self-service link codes (minutes-long, single use): not in backups.
-    SelfCodes,
+    SelfCodes = 9,
     /// Events waiting to be delivered: not in backups, so a restore never
     /// sends old news again.
-    Outbox,
+    Outbox = 10,
     /// Per-subscriber delivery state of the outbox's events.
-    Deliveries,
+    Deliveries = 11,
     /// Key store: wrapped data keys, one per subject version.
-    Wrapped,
+    Wrapped = 12,
     /// Key store: uses taken of limited grants.
-    GrantUses,
+    GrantUses = 13,
+    /// Key store: the nodes serving a shared store, and the key-epoch floor.
+    Nodes = 14,
 }
 
 impl Space {
@@ -74,7 +79,7 @@ impl Space {
     /// but the short-lived codes and the outbox.
     pub const BACKED_UP: &'static [Space] = Space::DATA.split_at(9).0;
     /// The key store's spaces.
-    pub const KEYS: &'static [Space] = &[Space::Wrapped, Space::GrantUses];
+    pub const KEYS: &'static [Space] = &[Space::Wrapped, Space::GrantUses, Space::Nodes];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -92,6 +97,7 @@ impl Space {
             Space::Deliveries => "deliveries",
             Space::Wrapped => "wrapped",
             Space::GrantUses => "grant_uses",
+            Space::Nodes => "nodes",
         }
     }
 
@@ -100,16 +106,20 @@ impl Space {
     }
 }
 
+/// A precondition of a commit: the key holds this value (`None`: absent).
+pub type Expected<'a> = (Space, &'a [u8], Option<&'a [u8]>);
+
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 /// Entries in key order.
 pub type Entries<'a> = Box<dyn Iterator<Item = Result<Entry>> + Send + 'a>;
 /// A read-modify-write step: the current value in, the new one out (`None`
 /// removes). May run more than once; the last run is the one applied.
-pub type Update<'a> = &'a mut dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>>;
+pub type Update<'a> = &'a mut (dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>> + Send);
 
 /// What a storage engine provides. Every method is atomic on its own;
-/// `apply` is atomic across spaces. Writes become durable when `flush`
+/// `apply` is atomic across spaces, and refuses a commit whose
+/// preconditions do not hold with `VersionConflict`. Writes become durable when `flush`
 /// returns (an engine that commits durably in `apply` flushes nothing).
 pub trait Backend: Send + Sync + 'static {
     fn get(&self, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>>;
@@ -120,8 +130,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Atomically replaces the value of `k` by `f(current)`; returns the
     /// previous value.
     fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>>;
+    /// Compare-and-swap of each `(key, expected, new)` on its own: replaced
+    /// only where the current value is `expected`. Returns how many were.
+    fn swap(&self, s: Space, items: &[Swap]) -> Result<u64>;
     fn flush(&self) -> std::io::Result<()>;
 }
+
+/// Key, expected value, new value.
+pub type Swap = (Vec<u8>, Vec<u8>, Vec<u8>);
 
 /// Coalesces durability requests: every caller waiting when a flush starts is
 /// answered by that one flush (group commit), so N concurrent writers cost
@@ -193,6 +209,9 @@ impl Flusher {
 #[derive(Default)]
 pub struct Commit {
     ops: Vec<(Space, Vec<u8>, Option<Vec<u8>>)>,
+    /// Preconditions: each key holds this value (`None`: is absent) when the
+    /// commit applies, else nothing of it applies (`VersionConflict`).
+    expect: Vec<(Space, Vec<u8>, Option<Vec<u8>>)>,
     /// Set by the vault when an event was staged: the sender is woken once
     /// the commit is durable.
     pub has_events: bool,
@@ -205,8 +224,24 @@ impl Commit {
     pub fn remove(&mut self, s: Space, k: impl AsRef<[u8]>) {
         self.ops.push((s, k.as_ref().to_vec(), None));
     }
+    /// Applies only if `k` holds `v` (`None`: is absent) at that moment:
+    /// how a write that read a record first stays right when another node
+    /// writes the same record meanwhile.
+    pub fn expect(&mut self, s: Space, k: impl AsRef<[u8]>, v: Option<&[u8]>) {
+        self.expect.push((s, k.as_ref().to_vec(), v.map(<[u8]>::to_vec)));
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+    /// The preconditions, in key order (so that locks are taken in one order).
+    pub fn expectations(&self) -> Vec<Expected<'_>> {
+        let mut e: Vec<_> = self
+            .expect
+            .iter()
+            .map(|(s, k, v)| (*s, k.as_slice(), v.as_deref()))
+            .collect();
+        e.sort();
+        e
     }
     /// The changes in order: key, and the new value (`None`: removed). A
     /// later change of the same key wins.
@@ -244,6 +279,33 @@ pub struct WrappedKey {
     pub sealed: Vec<u8>,
 }
 
+/// Opens the data store and the key store of the configured backend.
+pub fn open(cfg: &crate::config::Config) -> Result<(Store, KeyStore)> {
+    let keys = KeyStore::open_with(cfg)?;
+    Ok((Store::open_with(cfg)?, keys))
+}
+
+/// `pdvault migrate`: brings the databases' schema to this build's without
+/// serving (every start does the same). Says what it found, for the operator.
+pub fn migrate(cfg: &crate::config::Config) -> Result<String> {
+    match cfg.storage.backend {
+        crate::config::Backend::Sled => Ok("storage.backend = \"sled\": no database schema to migrate".into()),
+        crate::config::Backend::Postgres => {
+            let data = postgres::Engine::open(&cfg.storage, false)?.schema_version()?;
+            let keys = postgres::Engine::open(&cfg.storage, true)?.schema_version()?;
+            Ok(format!("schema version: data database {data}, keys database {keys}"))
+        }
+    }
+}
+
+/// Start-up checks of `[storage]` that only the backend can make.
+pub fn check_config(s: &crate::config::StorageConfig) -> std::result::Result<(), String> {
+    match s.backend {
+        crate::config::Backend::Sled => Ok(()),
+        crate::config::Backend::Postgres => postgres::check(s),
+    }
+}
+
 /// A store: one engine's spaces, with the group commit in front of its
 /// durability point. Cloning shares the engine.
 #[derive(Clone)]
@@ -271,6 +333,27 @@ impl Store {
             "data",
             Arc::new(sled::Engine::open(&dir.join("db"), Space::DATA)?),
         ))
+    }
+
+    /// The configured data store (`storage.backend`).
+    pub fn open_with(cfg: &crate::config::Config) -> Result<Store> {
+        match cfg.storage.backend {
+            crate::config::Backend::Sled => Store::open(&cfg.data_dir),
+            crate::config::Backend::Postgres => Ok(Store::over(
+                "data",
+                Arc::new(postgres::Engine::open(&cfg.storage, false)?),
+            )),
+        }
+    }
+
+    /// Whether no space holds anything (a restore's target must be empty).
+    pub fn is_empty(&self) -> Result<bool> {
+        for s in Space::DATA {
+            if self.scan(*s, []).next().transpose()?.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     pub fn get(&self, s: Space, k: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
@@ -332,6 +415,14 @@ impl Store {
     /// Atomic read-modify-write; returns the previous value.
     pub fn update(&self, s: Space, k: impl AsRef<[u8]>, f: Update<'_>) -> Result<Option<Vec<u8>>> {
         self.engine.update(s, k.as_ref(), f)
+    }
+
+    /// Compare-and-swap of each item on its own; returns how many replaced.
+    pub fn swap(&self, s: Space, items: &[Swap]) -> Result<u64> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        self.engine.swap(s, items)
     }
 
     /// Next value of a persistent counter in `meta`.
@@ -405,6 +496,16 @@ impl KeyStore {
         Ok(KeyStore {
             store: Store::over("keys", Arc::new(engine)),
         })
+    }
+
+    /// The configured key store (`storage.backend`).
+    pub fn open_with(cfg: &crate::config::Config) -> Result<KeyStore> {
+        match cfg.storage.backend {
+            crate::config::Backend::Sled => KeyStore::open(&cfg.keys.dir),
+            crate::config::Backend::Postgres => Ok(KeyStore {
+                store: Store::over("keys", Arc::new(postgres::Engine::open(&cfg.storage, true)?)),
+            }),
+        }
     }
 
     pub fn flusher(&self) -> &Flusher {

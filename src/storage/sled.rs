@@ -5,7 +5,7 @@
 //! sled runs with its periodic flush off: a write is durable when the group
 //! commit's `flush` returns, and only then is a 2xx answered.
 
-use super::{Backend, Commit, Entries, Space, Update};
+use super::{Backend, Commit, Entries, Space, Swap, Update};
 use crate::error::{Result, VaultError};
 use ::sled::Transactional;
 use std::path::Path;
@@ -88,28 +88,52 @@ impl Backend for Engine {
                 None => b.remove(k),
             }
         }
-        let spaces: Vec<Space> = batches.keys().copied().collect();
-        let trees: Vec<&::sled::Tree> = spaces.iter().map(|s| self.tree(*s)).collect::<Result<_>>()?;
-        if let [tree] = trees.as_slice() {
-            let batch = batches.into_values().next().expect("one batch");
-            return tree.apply_batch(batch).map_err(err);
+        let expect = c.expectations();
+        if expect.is_empty() && batches.len() == 1 {
+            let (s, batch) = batches.into_iter().next().expect("one batch");
+            return self.tree(s)?.apply_batch(batch).map_err(err);
         }
+        let mut spaces: Vec<Space> = batches.keys().copied().chain(expect.iter().map(|e| e.0)).collect();
+        spaces.sort();
+        spaces.dedup();
+        let trees: Vec<&::sled::Tree> = spaces.iter().map(|s| self.tree(*s)).collect::<Result<_>>()?;
+        let at = |s: Space| spaces.iter().position(|x| *x == s).expect("listed");
         trees
             .as_slice()
             .transaction(|txs| {
-                for (tx, s) in txs.iter().zip(&spaces) {
-                    tx.apply_batch(&batches[s])?;
+                for (s, k, v) in &expect {
+                    if txs[at(*s)].get(k)?.as_deref() != *v {
+                        return ::sled::transaction::abort(());
+                    }
+                }
+                for (s, b) in &batches {
+                    txs[at(*s)].apply_batch(b)?;
                 }
                 Ok(())
             })
             .map_err(|e: ::sled::transaction::TransactionError<()>| match e {
                 ::sled::transaction::TransactionError::Storage(e) => err(e),
-                ::sled::transaction::TransactionError::Abort(()) => VaultError::internal("transaction aborted"),
+                ::sled::transaction::TransactionError::Abort(()) => VaultError::VersionConflict { current: 0 },
             })
     }
 
     fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>> {
         Ok(self.tree(s)?.fetch_and_update(k, f).map_err(err)?.map(|v| v.to_vec()))
+    }
+
+    fn swap(&self, s: Space, items: &[Swap]) -> Result<u64> {
+        let tree = self.tree(s)?;
+        let mut n = 0;
+        for (k, old, new) in items {
+            if tree
+                .compare_and_swap(k, Some(old.as_slice()), Some(new.as_slice()))
+                .map_err(err)?
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn flush(&self) -> std::io::Result<()> {

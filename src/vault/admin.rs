@@ -290,6 +290,7 @@ impl Vault {
     /// pass over the wrapped data keys has come.
     pub async fn rotate_kek_reporting(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<(u32, u64)> {
         let _r = self.rotation.lock().await;
+        self.check_rotation_alone()?;
         let now = now_secs();
         // Writers wrap data keys under the current epoch while holding the
         // gate: let those in flight land before the new epoch becomes current,
@@ -301,13 +302,14 @@ impl Vault {
                 .begin_rotation(now)
                 .map_err(|e| VaultError::Internal(e.to_string()))?
         };
+        self.raise_epoch_floor(rot.target)?;
         let target_kek = self
             .keyring
             .kek(rot.target)
             .ok_or_else(|| VaultError::internal("target epoch missing"))?;
         let abort_after = crate::faults::rotate_abort_after();
-        let mut rewrapped = 0u64;
-        let mut since_flush = 0;
+        let (mut rewrapped, mut attempted, mut flushed_at) = (0u64, 0u64, 0u64);
+        let mut batch = Vec::new();
         let (total, mut scanned) = (self.keystore.count()?, 0u64);
         for kv in self.keystore.store.scan(Space::Wrapped, []) {
             let (k, v) = kv?;
@@ -337,24 +339,25 @@ impl Vault {
                 epoch: rot.target,
                 sealed: target_kek.seal(raw.expose(), &dek_aad(id, version, rot.target)),
             };
-            // Compare-and-swap: a concurrent edit or erasure wins.
-            let new = postcard::to_stdvec(&nw).expect("postcard");
-            self.keystore.store.update(Space::Wrapped, &k, &mut |cur| match cur {
-                Some(c) if c == v.as_slice() => Some(new.clone()),
-                other => other.map(<[u8]>::to_vec),
-            })?;
-            rewrapped += 1;
-            since_flush += 1;
-            if since_flush >= 10_000 {
-                self.keystore.flusher().sync().await?;
-                since_flush = 0;
+            // Compare-and-swap, a batch at a time: a concurrent edit or
+            // erasure wins.
+            batch.push((k, v, postcard::to_stdvec(&nw).expect("postcard")));
+            let abort_now = abort_after.is_some_and(|n| attempted + batch.len() as u64 >= n);
+            if batch.len() >= 512 || abort_now {
+                attempted += batch.len() as u64;
+                rewrapped += self.keystore.store.swap(Space::Wrapped, &std::mem::take(&mut batch))?;
+                if rewrapped - flushed_at >= 10_000 {
+                    self.keystore.flusher().sync().await?;
+                    flushed_at = rewrapped;
+                }
             }
-            if abort_after.is_some_and(|n| rewrapped >= n) {
+            if abort_now {
                 self.keystore.flusher().sync().await?;
                 tracing::error!("fault point: aborting in the middle of a rotation");
                 std::process::abort();
             }
         }
+        rewrapped += self.keystore.store.swap(Space::Wrapped, &batch)?;
         progress(scanned, total);
         self.keystore.flusher().sync().await?;
         self.keyring

@@ -259,7 +259,7 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
     }
     // The keys first: a keys directory a running server holds stops the
     // restore here, before the data directory is touched.
-    let keystore = KeyStore::open(&cfg.keys.dir)?;
+    let keystore = KeyStore::open_with(cfg)?;
     let result = restore_into(cfg, &keystore, input);
     if result.is_err() {
         // It was empty (or missing): a failed restore leaves it so, and the
@@ -271,7 +271,13 @@ pub fn restore(cfg: &Config, input: &mut dyn std::io::Read) -> Result<Value> {
 
 fn restore_into(cfg: &Config, keystore: &KeyStore, input: &mut dyn std::io::Read) -> Result<Value> {
     let dir = &cfg.data_dir;
-    let store = Store::open(dir)?;
+    crate::fsutil::create_private_dir(dir)?;
+    let store = Store::open_with(cfg)?;
+    if !store.is_empty()? {
+        return Err(VaultError::BadRequest(
+            "the data store is not empty: restore needs an empty data database".into(),
+        ));
+    }
     let (header, records) = store.read_backup(input)?;
     if let (Some(seq), Some(hash)) = (
         header["audit_head"]["seq"].as_u64(),

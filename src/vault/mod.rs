@@ -131,6 +131,8 @@ pub struct Vault {
     pub metrics: Metrics,
     /// Bumped after each durable commit that recorded events: wakes the sender.
     events_wake: tokio::sync::watch::Sender<u64>,
+    /// This process, among the nodes of a shared store (`nodes`).
+    node_id: String,
 }
 
 fn frame(parts: &[&[u8]]) -> Vec<u8> {
@@ -184,11 +186,13 @@ type Normalized = Vec<(String, Plaintext)>;
 
 mod admin;
 mod erasure;
+mod nodes;
 mod selfservice;
 mod subjects;
 
 pub use admin::cert_matches;
 pub use erasure::{replay_ledger, restore};
+pub use nodes::{HEARTBEAT, LIVE_WINDOW};
 
 impl Vault {
     /// Opens the vault: keys first (a wrong passphrase changes nothing), then
@@ -199,8 +203,8 @@ impl Vault {
     }
 
     pub fn open_with(cfg: Config, keyring: Keyring) -> anyhow_like::Result<Vault> {
-        let store = Store::open(&cfg.data_dir).map_err(|e| e.to_string())?;
-        let keystore = KeyStore::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
+        let (store, keystore) = crate::storage::open(&cfg).map_err(|e| e.to_string())?;
+        nodes::check_epoch_floor(&keystore, &keyring).map_err(|e| e.to_string())?;
         let (ledger, entries) = Ledger::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
         replay_ledger(&store, &keystore, &entries, &cfg.events).map_err(|e| e.to_string())?;
         let audit = AuditLog::open(&cfg.data_dir, &store, cfg.audit.fsync).map_err(|e| e.to_string())?;
@@ -212,6 +216,10 @@ impl Vault {
             revocations,
             revoked.into_iter().map(|e| e.id),
         );
+        let tokens = match cfg.storage.backend {
+            crate::config::Backend::Sled => tokens,
+            crate::config::Backend::Postgres => tokens.on_shared_store(),
+        };
         let records = crate::crypto::RecordMac::new(
             crate::crypto::SecretKey::from_bytes(keyring.record_mac_key().expose_secret()).expect("32 bytes"),
         );
@@ -238,6 +246,7 @@ impl Vault {
             rotation: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
             events_wake: tokio::sync::watch::channel(0).0,
+            node_id: uuid::Uuid::new_v4().to_string(),
         })
     }
 
@@ -659,6 +668,32 @@ impl Vault {
         k
     }
 
+    /// A write that lost to another node's write of the same subject: the
+    /// caller is told the version it now has.
+    fn lost_race(
+        &self,
+        e: VaultError,
+        items: &[(String, WrappedKey, SubjectRecord, Option<SubjectRecord>)],
+    ) -> VaultError {
+        match e {
+            VaultError::VersionConflict { .. } => {
+                if items
+                    .iter()
+                    .any(|(id, ..)| self.store.contains(Space::Erased, id).unwrap_or(false))
+                {
+                    return VaultError::SubjectErased;
+                }
+                let current = items
+                    .iter()
+                    .find_map(|(id, ..)| self.store.get(Space::Subjects, id).ok().flatten())
+                    .and_then(|b| SubjectRecord::decode(&b).ok())
+                    .map_or(0, |r| r.version);
+                VaultError::VersionConflict { current }
+            }
+            e => e,
+        }
+    }
+
     /// Stores new subjects (or new versions): keys first, flushed, then data,
     /// flushed. A crash in between leaves an unused key, never unreadable data.
     /// Writes subjects: their keys durable first, then the records, their
@@ -669,11 +704,28 @@ impl Vault {
         items: Vec<(String, WrappedKey, SubjectRecord, Option<SubjectRecord>)>,
         mut c: Commit,
     ) -> Result<()> {
+        // A new version of an existing subject claims its key's slot and
+        // expects the record it was made from, and no erasure: so a write
+        // racing another node's edit or erasure of the same subject loses
+        // whole (409), never leaving a record without its key.
         let mut kc = Commit::default();
-        for (id, w, rec, _) in &items {
+        for (id, w, rec, old) in &items {
             KeyStore::stage_put(&mut kc, id, rec.version, w);
+            if old.is_some() {
+                kc.expect(Space::Wrapped, crate::storage::dek_key(id, rec.version), None);
+            }
         }
-        self.keystore.store.commit(&kc).await?;
+        for (id, _, _, old) in &items {
+            if let Some(old) = old {
+                c.expect(Space::Subjects, id, Some(&old.encode()));
+                c.expect(Space::Erased, id, None);
+            }
+        }
+        self.keystore
+            .store
+            .commit(&kc)
+            .await
+            .map_err(|e| self.lost_race(e, &items))?;
         // One counter reservation for the whole batch (the counter orders
         // duplicate emails/phones: the most recent write wins a lookup).
         let first = self.store.reserve_counter("index_stamp", items.len() as u64)?;
@@ -690,7 +742,17 @@ impl Vault {
             c.insert(Space::Activity, activity_key(rec.updated_at, id), []);
             c.insert(Space::Subjects, id, rec.encode());
         }
-        self.store.commit(&c).await?;
+        if let Err(e) = self.store.commit(&c).await {
+            if matches!(e, VaultError::VersionConflict { .. }) {
+                // Nothing of ours landed: the keys we added open nothing.
+                let mut undo = Commit::default();
+                for (id, _, rec, _) in &items {
+                    undo.remove(Space::Wrapped, crate::storage::dek_key(id, rec.version));
+                }
+                self.keystore.store.commit(&undo).await?;
+            }
+            return Err(self.lost_race(e, &items));
+        }
         self.committed(&c);
         // The previous version's key is no longer needed: an old value left in
         // the store's files dies with it.

@@ -62,6 +62,16 @@ impl Server {
         };
         let config = dir.path().join("pdvault.toml");
         std::fs::write(&config, text).unwrap();
+        let mut env: Vec<(String, String)> = env.into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        if let Some(base) = postgres_base() {
+            env.extend(postgres_databases(&base).await);
+        }
+        Self::start_in(dir, config, env).await
+    }
+
+    /// A server on a free port over the directory `dir` (its `keys/` and
+    /// `data/`), with `config` and `env`, started and ready.
+    pub async fn start_in(dir: tempfile::TempDir, config: PathBuf, env: Vec<(String, String)>) -> Server {
         let mut s = Server {
             dir,
             port: free_port(),
@@ -70,7 +80,7 @@ impl Server {
             typed: None,
             admin: String::new(),
             config,
-            env: env.into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            env,
         };
         s.spawn().await;
         s
@@ -287,6 +297,20 @@ impl Server {
         r.unwrap_or_else(|e| panic!("create: {e}")).id
     }
 
+    /// What an operator does before a restore: the data directory moved to
+    /// `to` beside it, and on the postgres backend the data database renamed
+    /// the same way, an empty one made under its name. The server is stopped.
+    pub fn move_data_away(&self, to: &str) {
+        std::fs::rename(self.data_dir(), self.dir.path().join(to)).unwrap();
+        if let Some(base) = postgres_base() {
+            let url = &self.env.iter().find(|(k, _)| k == "PDVAULT_STORAGE__URL").unwrap().1;
+            let db = url.rsplit('/').next().unwrap();
+            let old = format!("{db}_{}", to.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+            psql(&base, &format!("ALTER DATABASE {db} RENAME TO {old}"));
+            psql(&base, &format!("CREATE DATABASE {db}"));
+        }
+    }
+
     /// Every byte of the data and keys directories.
     pub fn all_bytes(&self) -> Vec<(PathBuf, Vec<u8>)> {
         let mut out = vec![];
@@ -295,6 +319,63 @@ impl Server {
         }
         out
     }
+}
+
+/// `PDVAULT_TEST_POSTGRES`: the base URL of a PostgreSQL cluster (made by
+/// `scripts/pg-cluster`). When set, every server the kit starts runs on the
+/// postgres backend, over TLS, with two fresh databases of its own.
+pub fn postgres_base() -> Option<String> {
+    std::env::var("PDVAULT_TEST_POSTGRES").ok().filter(|s| !s.is_empty())
+}
+
+/// Whether this run is on the postgres backend.
+pub fn on_postgres() -> bool {
+    postgres_base().is_some()
+}
+
+/// For a test that reads or alters the sled files themselves: true (and
+/// says so) on the postgres backend, where `tests/postgres.rs` makes the
+/// same checks on the database's files and dumps.
+pub fn sled_only(test: &str) -> bool {
+    if on_postgres() {
+        eprintln!("{test}: reads the sled files; skipped on the postgres backend");
+    }
+    on_postgres()
+}
+
+/// Runs one SQL statement on the cluster's `postgres` database.
+pub fn psql(base: &str, sql: &str) {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin/psql")).max())
+        .unwrap_or_else(|| PathBuf::from("psql"));
+    let out = Command::new(bin)
+        .args(["-v", "ON_ERROR_STOP=1", "-qc", sql, &format!("{base}/postgres")])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Makes a data and a keys database; returns the settings that point a
+/// server at them.
+pub async fn postgres_databases(base: &str) -> Vec<(String, String)> {
+    let (client, conn) = tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls)
+        .await
+        .expect("PDVAULT_TEST_POSTGRES: connect");
+    let conn = tokio::spawn(conn);
+    let name = format!("t{}", uuid::Uuid::new_v4().simple());
+    for db in [name.clone(), format!("{name}_keys")] {
+        client.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    }
+    drop(client);
+    let _ = conn.await;
+    vec![
+        ("PDVAULT_STORAGE__BACKEND".into(), "postgres".into()),
+        ("PDVAULT_STORAGE__URL".into(), format!("{base}/{name}")),
+        ("PDVAULT_STORAGE__KEYS_URL".into(), format!("{base}/{name}_keys")),
+        ("PDVAULT_STORAGE__TLS".into(), "require".into()),
+        ("PDVAULT_STORAGE__POOL_SIZE".into(), "8".into()),
+    ]
 }
 
 impl Drop for Server {
