@@ -16,7 +16,12 @@
 //!   `PDVAULT_LOAD_MAX_SUBJECTS` (default 1,000,000) subjects, the load timed
 //!   and the disk bytes per subject measured;
 //! - audit: `read_delivery_audit_unflushed` at 64 connections against a server
-//!   whose config copy sets `[audit] fsync = false`.
+//!   whose config copy sets `[audit] fsync = false`;
+//! - postgres: `postgres_1node_read_delivery` and `postgres_1node_create` at 16
+//!   and 64 connections on a private cluster (`scripts/pg-cluster`, started and
+//!   stopped here), then the same with two nodes on the same databases
+//!   (`postgres_2node_*`, connections alternating between them), each reported
+//!   as a ratio to the sled figures of the same run.
 //!
 //! Every result is one JSON line on standard output and in
 //! `target/load-report.jsonl` (rewritten per run).
@@ -27,7 +32,8 @@
 //! - `PDVAULT_LOAD_MAX_SUBJECTS` the largest scale point (default 1000000);
 //! - `PDVAULT_LOAD_CLIENT_THREADS` client runtime threads (default: all CPUs);
 //! - `PDVAULT_LOAD_SERVER_LOG` the servers' `PDVAULT_LOG` (default `warn`: the
-//!   per-request info line is not written, for the vault and baseline alike).
+//!   per-request info line is not written, for the vault and baseline alike);
+//! - `PDVAULT_LOAD_POSTGRES=0` leaves the postgres backend out.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -68,6 +74,8 @@ struct Opts {
     /// Scale points for `read_delivery_scale`.
     scale: Vec<usize>,
     server_log: String,
+    /// `PDVAULT_LOAD_POSTGRES=0` leaves the postgres backend out.
+    postgres: bool,
 }
 
 impl Opts {
@@ -92,6 +100,7 @@ impl Opts {
             main_subjects: if quick { 2_000 } else { 10_000 }.min(max),
             scale,
             server_log: std::env::var("PDVAULT_LOAD_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            postgres: std::env::var("PDVAULT_LOAD_POSTGRES").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -215,6 +224,41 @@ impl Server {
         s.spawn(opts, &["serve", "--dev"])?;
         s.wait_ready("/v1/health").await?;
         s.admin = std::fs::read_to_string(s.keys_dir().join("admin.token")).map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+
+    /// Another `serve --dev` beside `of`: the same config, a copy of its keys
+    /// directory, its own data directory (a second node on a shared store).
+    async fn node_beside(opts: &Opts, of: &Server) -> Res<Server> {
+        let dir = Arc::new(
+            tempfile::Builder::new()
+                .prefix("pdvault-load-")
+                .tempdir()
+                .map_err(|e| e.to_string())?,
+        );
+        let keys = dir.path().join("keys");
+        std::fs::create_dir_all(&keys).map_err(|e| e.to_string())?;
+        for e in std::fs::read_dir(of.keys_dir()).map_err(|e| e.to_string())? {
+            let e = e.map_err(|e| e.to_string())?;
+            if e.file_type().map_err(|e| e.to_string())?.is_file() {
+                std::fs::copy(e.path(), keys.join(e.file_name())).map_err(|e| e.to_string())?;
+            }
+        }
+        let config = dir.path().join("pdvault.toml");
+        std::fs::copy(&of.config, &config).map_err(|e| e.to_string())?;
+        let port = free_port();
+        let log = dir.path().join(format!("server-{port}.log"));
+        let mut s = Server {
+            dir,
+            config,
+            port,
+            child: None,
+            log,
+            tls: client_tls(b"")?,
+            admin: of.admin.clone(),
+        };
+        s.spawn(opts, &["serve", "--dev"])?;
+        s.wait_ready("/v1/health").await?;
         Ok(s)
     }
 
@@ -388,6 +432,8 @@ type MakeCall = Arc<dyn Fn(&mut StdRng) -> Call + Send + Sync>;
 #[derive(Clone)]
 struct Target {
     addr: SocketAddr,
+    /// A second node: odd-numbered connections go there.
+    also: Option<SocketAddr>,
     tls: TlsConnector,
     host: HeaderValue,
     auth: Option<HeaderValue>,
@@ -398,6 +444,7 @@ impl Target {
     fn new(s: &Server, token: Option<&str>, purpose: Option<&str>) -> Target {
         Target {
             addr: s.addr(),
+            also: None,
             tls: s.tls.clone(),
             host: HeaderValue::from_str(&format!("127.0.0.1:{}", s.port)).expect("host"),
             auth: token.map(|t| HeaderValue::from_str(&format!("Bearer {}", t.trim())).expect("token")),
@@ -492,7 +539,11 @@ async fn drive(target: &Target, make: MakeCall, expect: Expect, conns: usize, op
         handles.push(tokio::spawn(async move {
             let mut out = WorkerOut::default();
             let mut rng = StdRng::seed_from_u64(0x5eed_0000 + w as u64);
-            let mut conn = connect(target.addr, &target.tls).await;
+            let addr = match target.also {
+                Some(b) if w % 2 == 1 => b,
+                _ => target.addr,
+            };
+            let mut conn = connect(addr, &target.tls).await;
             connected.wait().await;
             go.wait().await;
             let t = times.get().expect("times set");
@@ -506,7 +557,7 @@ async fn drive(target: &Target, make: MakeCall, expect: Expect, conns: usize, op
                         out.errors += 1;
                         out.first_error.get_or_insert_with(|| format!("connect: {e}"));
                         tokio::time::sleep(Duration::from_millis(20)).await;
-                        conn = connect(target.addr, &target.tls).await;
+                        conn = connect(addr, &target.tls).await;
                         continue;
                     }
                 };
@@ -536,7 +587,7 @@ async fn drive(target: &Target, make: MakeCall, expect: Expect, conns: usize, op
                             out.errors += 1;
                         }
                         out.first_error.get_or_insert_with(|| e.clone());
-                        conn = connect(target.addr, &target.tls).await;
+                        conn = connect(addr, &target.tls).await;
                     }
                 }
             }
@@ -1051,7 +1102,7 @@ async fn run(opts: Opts) -> Res {
     let mut v = Vault::start(&opts, |c| c).await?;
     v.load_to(opts.main_subjects, &mut report).await?;
     let body_bytes = v.delivery_body_bytes().await?;
-    let mut delivery = [0.0; 2];
+    let (mut delivery, mut create) = ([0.0; 2], [0.0; 2]);
     for s in [
         Scenario::ReadDelivery,
         Scenario::ReadOrderAll,
@@ -1061,8 +1112,10 @@ async fn run(opts: Opts) -> Res {
     ] {
         for (i, conns) in CONNS.into_iter().enumerate() {
             let o = vault_scenario(&mut v, s, conns, &opts, &mut report).await;
-            if s == Scenario::ReadDelivery {
-                delivery[i] = o.rps;
+            match s {
+                Scenario::ReadDelivery => delivery[i] = o.rps,
+                Scenario::Create => create[i] = o.rps,
+                _ => {}
             }
         }
         if s == Scenario::ReadDelivery {
@@ -1137,6 +1190,106 @@ async fn run(opts: Opts) -> Res {
         "ratio_read_delivery_over_baseline_tls_64": ratio(delivery[1], base[1]),
         "ratio_read_delivery_over_baseline_tls_16": ratio(delivery[0], base[0]),
     }));
+
+    // 4. The postgres backend, one node then two, against the sled figures of 1.
+    if opts.postgres {
+        postgres_section(&opts, (&delivery, &create), &mut report).await?;
+    }
+    Ok(())
+}
+
+/// A private cluster (`scripts/pg-cluster`), stopped when dropped.
+struct Cluster {
+    dir: PathBuf,
+    base: String,
+}
+
+impl Cluster {
+    fn start() -> Res<Cluster> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = root.join("target/pg-bench");
+        let out = Command::new(root.join("scripts/pg-cluster"))
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .map_err(|e| format!("scripts/pg-cluster: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("scripts/pg-cluster: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let base = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok(Cluster { dir, base })
+    }
+
+    /// Two fresh databases; the config edit that points a vault at them.
+    async fn databases(&self, n: usize) -> Res<impl Fn(String) -> String> {
+        let (client, conn) = tokio_postgres::connect(&format!("{}/postgres", self.base), tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let name = format!("bench{n}_{}", std::process::id());
+        for db in [name.clone(), format!("{name}_keys")] {
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        drop(client);
+        let _ = conn.await;
+        let section = format!(
+            "backend = \"postgres\"\nurl = \"{b}/{name}\"\nkeys_url = \"{b}/{name}_keys\"\ntls = \"require\"\npool_size = 32\n",
+            b = self.base
+        );
+        Ok(move |c: String| c.replacen("backend = \"sled\"", &section, 1))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let _ = Command::new(root.join("scripts/pg-cluster"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+async fn postgres_section(opts: &Opts, sled: (&[f64; 2], &[f64; 2]), report: &mut Report) -> Res {
+    let cluster = Cluster::start()?;
+    report
+        .emit(&json!({"postgres": "private cluster from scripts/pg-cluster, TLS (require), synchronous_commit = on"}));
+    for nodes in [1, 2] {
+        let mut v = Vault::start(opts, cluster.databases(nodes).await?).await?;
+        let second = match nodes {
+            2 => Some(Server::node_beside(opts, &v.server).await?),
+            _ => None,
+        };
+        v.load_to(opts.main_subjects, report).await?;
+        let mut got = [[0.0; 2]; 2];
+        for (j, s) in [Scenario::ReadDelivery, Scenario::Create].into_iter().enumerate() {
+            for (i, conns) in CONNS.into_iter().enumerate() {
+                let mut target = v.target(s.purpose());
+                target.also = second.as_ref().map(|b| b.addr());
+                let name = format!("postgres_{nodes}node_{}", s.name());
+                let o = run_scenario(&name, &v.server, &target, s.plan(&v), conns, v.subjects, opts, report).await;
+                if s == Scenario::Create {
+                    v.subjects += o.items_all;
+                }
+                got[j][i] = o.rps;
+            }
+        }
+        report.emit(&json!({
+            "backend": "postgres",
+            "nodes": nodes,
+            "ratio_read_delivery_over_sled_16": ratio(got[0][0], sled.0[0]),
+            "ratio_read_delivery_over_sled_64": ratio(got[0][1], sled.0[1]),
+            "ratio_create_over_sled_16": ratio(got[1][0], sled.1[0]),
+            "ratio_create_over_sled_64": ratio(got[1][1], sled.1[1]),
+        }));
+        if let Some(mut b) = second {
+            b.stop();
+        }
+        v.server.stop();
+    }
     Ok(())
 }
 
