@@ -109,6 +109,9 @@ pub struct AuditLog {
     fsync: bool,
     poisoned: AtomicBool,
     store: Store,
+    /// Which node's chain this is, where several share the store (empty on
+    /// a store of its own): keeps the nodes' access-index keys apart.
+    chain: Vec<u8>,
     fault_file: Option<PathBuf>,
 }
 
@@ -124,8 +127,11 @@ impl AuditLog {
 
     /// Opens the log, dropping a torn last line (never acknowledged), and
     /// brings the access-log index up to date. With `fsync` false (config
-    /// `audit.fsync`, benchmarks only) appends skip the fdatasync.
-    pub fn open(data_dir: &Path, store: &Store, fsync: bool) -> Result<AuditLog> {
+    /// `audit.fsync`, benchmarks only) appends skip the fdatasync. `chain`
+    /// names this node's chain on a store other nodes share (else empty).
+    pub fn open(data_dir: &Path, store: &Store, fsync: bool, chain: &str) -> Result<AuditLog> {
+        let chain = chain.as_bytes().to_vec();
+        let indexed_key = indexed_key(&chain);
         if !fsync {
             tracing::warn!(
                 "audit.fsync = false: benchmark-only: audit entries are not durable (a crash can lose acknowledged entries)"
@@ -141,7 +147,7 @@ impl AuditLog {
             .unwrap_or((0, GENESIS.to_string()));
         let mut good_len = 0u64;
         let indexed = store
-            .get(Space::Meta, "audit_indexed")?
+            .get(Space::Meta, &indexed_key)?
             .map(|b| crate::storage::read_u64(&b))
             .unwrap_or(0);
         {
@@ -157,7 +163,7 @@ impl AuditLog {
                 let e: AuditEntry = serde_json::from_str(line.trim_end())
                     .map_err(|_| VaultError::Internal(format!("audit log corrupt after seq {seq}")))?;
                 if e.seq > indexed {
-                    index_entry(store, &e)?;
+                    index_entry(store, &e, &chain)?;
                 }
                 off += n as u64;
                 good_len = off;
@@ -170,7 +176,7 @@ impl AuditLog {
             file.sync_all()?;
         }
         file.seek(SeekFrom::End(0))?;
-        store.insert(Space::Meta, "audit_indexed", seq.to_be_bytes())?;
+        store.insert(Space::Meta, &indexed_key, seq.to_be_bytes())?;
         let sync_file = file.try_clone()?;
         let fault_file = if cfg!(debug_assertions) {
             std::env::var_os("PDVAULT_FAULT_AUDIT_FILE").map(PathBuf::from)
@@ -193,6 +199,7 @@ impl AuditLog {
             fsync,
             poisoned: AtomicBool::new(false),
             store: store.clone(),
+            chain,
             fault_file,
         })
     }
@@ -269,7 +276,7 @@ impl AuditLog {
         }
         for e in &entries {
             // Derived data: rebuilt from the log at the next start if lost.
-            let _ = index_entry(&self.store, e);
+            let _ = index_entry(&self.store, e, &self.chain);
         }
         Ok(entries)
     }
@@ -336,11 +343,58 @@ fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-fn access_key(subject: &str, seq: u64) -> Vec<u8> {
+/// How far the access index has been brought up to date with a chain.
+fn indexed_key(chain: &[u8]) -> Vec<u8> {
+    [&b"audit_indexed"[..], if chain.is_empty() { b"" } else { b"/" }, chain].concat()
+}
+
+/// A release's key in the access index: subject, audit sequence number, and
+/// the chain (node) it is numbered in, where several share the store.
+fn access_key(subject: &str, seq: u64, chain: &[u8]) -> Vec<u8> {
     let mut k = subject.as_bytes().to_vec();
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(chain);
     k
+}
+
+/// A place in a subject's access log (`next`, given back as `after`): the
+/// sequence number of the last entry seen, and its chain on a shared store
+/// (`<seq>` or `<seq>.<chain>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessCursor {
+    seq: u64,
+    chain: Vec<u8>,
+}
+
+impl std::str::FromStr for AccessCursor {
+    type Err = VaultError;
+    fn from_str(s: &str) -> Result<AccessCursor> {
+        let bad = || VaultError::BadRequest("after must be a cursor from next".into());
+        let (seq, chain) = match s.split_once('.') {
+            Some((_, "")) => return Err(bad()),
+            Some(parts) => parts,
+            None => (s, ""),
+        };
+        let chain_ok = chain.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'-'));
+        let digits = !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit());
+        match seq.parse::<u64>() {
+            Ok(seq) if digits && chain_ok && chain.len() <= 64 => Ok(AccessCursor {
+                seq,
+                chain: chain.as_bytes().to_vec(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for AccessCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(&self.chain) {
+            Ok("") | Err(_) => write!(f, "{}", self.seq),
+            Ok(c) => write!(f, "{}.{c}", self.seq),
+        }
+    }
 }
 
 /// One release in the access-log index (compact: this is on the read path).
@@ -354,7 +408,7 @@ struct AccessRecord<'a> {
     request_id: &'a str,
 }
 
-fn index_entry(store: &Store, e: &AuditEntry) -> Result<()> {
+fn index_entry(store: &Store, e: &AuditEntry, chain: &[u8]) -> Result<()> {
     if e.outcome == "allowed" && is_release(&e.action) {
         if let Some(s) = &e.subject {
             let r = AccessRecord {
@@ -367,7 +421,7 @@ fn index_entry(store: &Store, e: &AuditEntry) -> Result<()> {
             };
             store.insert(
                 Space::Access,
-                access_key(s, e.seq),
+                access_key(s, e.seq, chain),
                 postcard::to_stdvec(&r).expect("postcard"),
             )?;
         }
@@ -375,14 +429,17 @@ fn index_entry(store: &Store, e: &AuditEntry) -> Result<()> {
     Ok(())
 }
 
-/// A page of a subject's access log: entries after `after`, at most `limit`.
+/// A page of a subject's access log: entries after `after`, at most `limit`,
+/// and where the next page starts if there is one.
 pub fn access_page(
     store: &Store,
     subject: &str,
-    after: u64,
+    after: &AccessCursor,
     limit: usize,
-) -> Result<(Vec<serde_json::Value>, Option<u64>)> {
-    let start = access_key(subject, after.saturating_add(1));
+) -> Result<(Vec<serde_json::Value>, Option<AccessCursor>)> {
+    // The first key after the cursor's own.
+    let mut start = access_key(subject, after.seq, &after.chain);
+    start.push(0);
     let mut prefix = subject.as_bytes().to_vec();
     prefix.push(0);
     let mut out = Vec::new();
@@ -392,13 +449,17 @@ pub fn access_page(
         if out.len() == limit {
             return Ok((out, last));
         }
-        let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+        let (seq, chain) = k[prefix.len()..].split_at(8);
+        let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
         let r: AccessRecord = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt access index"))?;
         out.push(serde_json::json!({
             "seq": seq, "at": r.at, "caller": r.caller, "purpose": r.purpose,
             "action": r.action, "fields": r.fields, "request_id": r.request_id,
         }));
-        last = Some(seq);
+        last = Some(AccessCursor {
+            seq,
+            chain: chain.to_vec(),
+        });
     }
     Ok((out, None))
 }
@@ -844,4 +905,19 @@ pub fn impact(data_dir: &Path, filter: &ExportFilter) -> Result<Impact> {
     }
     out.tokens = tokens.into_inner().into_iter().collect();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AccessCursor;
+
+    #[test]
+    fn access_cursors_read_back_what_they_print_and_refuse_the_rest() {
+        for s in ["0", "17", "17.0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"] {
+            assert_eq!(s.parse::<AccessCursor>().unwrap().to_string(), s);
+        }
+        for s in ["", "-1", "+1", "x", "17.", "17.ABC", "17.zz", "1.2.3"] {
+            assert!(s.parse::<AccessCursor>().is_err(), "{s:?} was taken");
+        }
+    }
 }

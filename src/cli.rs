@@ -462,6 +462,10 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
     sched.abort();
     if let Some(h) = heartbeat {
         h.abort();
+        // Stopped on purpose: no longer counted as serving.
+        if let Err(e) = vault.leave() {
+            tracing::error!(error = %e, "could not withdraw this node's announcement");
+        }
     }
     senders.iter().for_each(|s| s.abort());
     vault.store().flusher.sync().await.map_err(|e| e.to_string())?;

@@ -1032,8 +1032,8 @@ async fn retention_sweeper_erases_inactive_subjects() {
         "{entry}"
     );
     // The shred ledger holds the receipt, with reason retention.
-    let ledger = std::fs::read_to_string(s.keys_dir().join("shred.ledger")).unwrap();
-    let le: Value = serde_json::from_str(ledger.lines().last().unwrap()).unwrap();
+    let ledger = s.shred_ledger().await;
+    let le = ledger.last().expect("a shred ledger entry");
     assert_eq!(le["id"], id.as_str());
     assert_eq!(le["receipt"]["reason"], "retention", "{le}");
 }

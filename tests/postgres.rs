@@ -387,19 +387,7 @@ async fn an_old_dump_of_the_data_database_restored_keeps_erased_subjects_erased(
     // The dump loaded into an empty data database in place of the live one.
     s.stop();
     s.move_data_away("data-before-dump-restore");
-    let dump_file = s.dir.path().join("old.sql");
-    std::fs::write(&dump_file, &old).unwrap();
-    let psql = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()
-        .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin/psql")).max())
-        .unwrap_or_else(|| PathBuf::from("psql"));
-    let out = std::process::Command::new(psql)
-        .args(["-q", "-v", "ON_ERROR_STOP=1", "-f"])
-        .arg(&dump_file)
-        .arg(&data_url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    load_dump(&s, &data_url, &old);
     s.spawn().await;
     // The shred ledger was replayed before anything was served.
     let e = s.api_as(&w).read("order", &gone, None).await.err().unwrap();
@@ -410,6 +398,133 @@ async fn an_old_dump_of_the_data_database_restored_keeps_erased_subjects_erased(
     );
     let r = s.api_as(&w).read("order", &kept, None).await.unwrap();
     assert_eq!(r.fields["surname"], "Nurlanova-d2");
+}
+
+/// The sequence number of the last release of `id` in its access log.
+async fn last_release_seq(s: &Server, auditor: &str, id: &str) -> u64 {
+    let r = s.get(&format!("/v1/subjects/{id}/access-log"), auditor, None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body["entries"].as_array().unwrap().last().unwrap()["seq"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Each node numbers its own audit chain, so two nodes release the same
+/// subject under the same sequence number sooner or later; the access log
+/// (who received the data, policy 4.2.1) must keep both, and page over both.
+#[tokio::test]
+async fn releases_on_two_nodes_under_one_sequence_number_are_both_in_the_access_log() {
+    if skipped("releases_on_two_nodes_under_one_sequence_number_are_both_in_the_access_log") {
+        return;
+    }
+    let a = Server::start().await;
+    let b = second_node(&a).await;
+    let w = a.token("order-service", &["order"], &["read", "write"]).await;
+    let auditor = a.token("auditor", &[], &["audit"]).await;
+    let (id, probe) = (a.create(&w, subject("s1")).await, a.create(&w, subject("s2")).await);
+    // A releases `id` under its sequence number `at`.
+    a.api_as(&w).read("order", &id, None).await.unwrap();
+    let at = last_release_seq(&a, &auditor, &id).await;
+    // B's chain is brought to just before `at` (refused calls are entries
+    // too), then B releases `id` under the same number.
+    b.api_as(&w).read("order", &probe, None).await.unwrap();
+    let mut seq = last_release_seq(&a, &auditor, &probe).await;
+    assert!(seq < at, "B's chain ({seq}) is already past A's ({at})");
+    while seq + 1 < at {
+        let r = b.get(&format!("/v1/subjects/{probe}"), &w, Some("payment")).await;
+        assert_eq!(r.status, 403, "{}", r.text);
+        seq += 1;
+    }
+    b.api_as(&w).read("order", &id, None).await.unwrap();
+    let r = a.get(&format!("/v1/subjects/{id}/access-log"), &auditor, None).await;
+    let entries = r.body["entries"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 2, "a release was lost from the access log: {}", r.text);
+    assert!(
+        entries.iter().all(|e| e["seq"] == at),
+        "the two releases were meant to share sequence number {at}: {}",
+        r.text
+    );
+    // Paged one at a time, the cursor walks over both and ends.
+    let p1 = a
+        .get(&format!("/v1/subjects/{id}/access-log?limit=1"), &auditor, None)
+        .await;
+    let next = p1.body["next"].as_str().expect("a next cursor").to_owned();
+    let p2 = a
+        .get(
+            &format!("/v1/subjects/{id}/access-log?limit=1&after={next}"),
+            &auditor,
+            None,
+        )
+        .await;
+    assert_eq!(p2.status, 200, "{}", p2.text);
+    assert_eq!(p2.body["entries"].as_array().unwrap().len(), 1, "{}", p2.text);
+    assert_ne!(p1.body["entries"][0]["request_id"], p2.body["entries"][0]["request_id"]);
+    assert!(p2.body["next"].is_null(), "{}", p2.text);
+}
+
+/// Loads a plain `pg_dump` into the (empty) database at `url`.
+fn load_dump(s: &Server, url: &str, dump: &[u8]) {
+    let dump_file = s.dir.path().join("old.sql");
+    std::fs::write(&dump_file, dump).unwrap();
+    let psql = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin/psql")).max())
+        .unwrap_or_else(|| PathBuf::from("psql"));
+    let out = std::process::Command::new(psql)
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&dump_file)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The shred and revocation ledgers live in the keys database, shared by
+/// the nodes: an old dump of the data restored under the node that neither
+/// erased the subject nor revoked the token still has both undone before
+/// anything is served.
+#[tokio::test]
+async fn an_old_dump_restored_on_another_node_replays_what_any_node_erased_or_revoked() {
+    if skipped("an_old_dump_restored_on_another_node_replays_what_any_node_erased_or_revoked") {
+        return;
+    }
+    let mut a = Server::start().await;
+    let mut b = second_node(&a).await;
+    let w = a.token("order-service", &["order"], &["read", "write"]).await;
+    let er = a.token("deletion-workflow", &["erasure"], &["erase"]).await;
+    let (t, tid) = a.token_with_id("payment-service", &["payment"], &["read"]).await;
+    let (gone, kept) = (a.create(&w, subject("l1")).await, a.create(&w, subject("l2")).await);
+    a.api_as(&t).read("payment", &kept, None).await.unwrap();
+    // A dump while the subject lives and the token is good.
+    let data_url = setting(&a, "PDVAULT_STORAGE__URL").to_owned();
+    let old = dump(&data_url, &[]);
+    // Both undone on B, whose keys directory is its own copy.
+    b.api_as(&er).erase("erasure", &gone).await.unwrap();
+    b.api().revoke_token(&tid).await.unwrap();
+    b.stop();
+    a.stop();
+    // The old dump in place of the live data, served by A.
+    a.move_data_away("data-before-dump-restore");
+    load_dump(&a, &data_url, &old);
+    a.spawn().await;
+    let e = a.api_as(&w).read("order", &gone, None).await.err().unwrap();
+    assert_eq!(
+        e.code(),
+        Some("subject_erased"),
+        "a subject erased on B came back on A from an old dump: {e}"
+    );
+    let e = a.api_as(&t).read("payment", &kept, None).await.err().unwrap();
+    assert_eq!(
+        e.code(),
+        Some("token_invalid"),
+        "a token revoked on B was honoured again on A after an old dump: {e}"
+    );
+    let r = a.api_as(&w).read("order", &kept, None).await.unwrap();
+    assert_eq!(r.fields["surname"], "Nurlanova-l2");
+    // Both ledgers hold B's entries, in the shared keys database.
+    let ledger = a.shred_ledger().await;
+    assert!(ledger.iter().any(|e| e["id"] == gone.as_str()), "{ledger:?}");
+    assert!(!b.keys_dir().join("shred.ledger").exists());
 }
 
 #[tokio::test]

@@ -143,7 +143,7 @@ pub struct FieldsQuery {
 #[allow(dead_code)]
 pub struct AccessLogQuery {
     /// Cursor: the `next` of the previous page (also accepted as `?next=`). Default 0, the start.
-    #[param(pattern = "^[0-9]+$", required = false)]
+    #[param(pattern = "^[0-9]+(\\.[0-9a-f-]{1,64})?$", required = false)]
     after: String,
     /// Entries per page, 1 to 1000 (clamped); default 100.
     #[param(minimum = 1, maximum = 1000, default = 100, required = false)]

@@ -616,11 +616,9 @@ pub async fn access_log(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let after = match q.get("after").or(q.get("next")) {
-        Some(s) => s
-            .parse()
-            .map_err(|_| ApiError(VaultError::BadRequest("after must be a cursor from next".into())))?,
-        None => 0,
+    let after: crate::audit::AccessCursor = match q.get("after").or(q.get("next")) {
+        Some(s) => s.parse()?,
+        None => Default::default(),
     };
     let limit = match q.get("limit") {
         Some(s) => s
@@ -630,7 +628,7 @@ pub async fn access_log(
     };
     Ok(json_response(
         StatusCode::OK,
-        &st.vault.access_log(&c.ctx, &c.auth, &id, after, limit).await?,
+        &st.vault.access_log(&c.ctx, &c.auth, &id, &after, limit).await?,
     ))
 }
 

@@ -57,6 +57,10 @@ pub enum Space {
     GrantUses = 13,
     /// Key store: the nodes serving a shared store, and the key-epoch floor.
     Nodes = 14,
+    /// Key store: the shred ledger, where it is shared (postgres).
+    ShredLedger = 15,
+    /// Key store: the revocation ledger, where it is shared (postgres).
+    RevocationLedger = 16,
 }
 
 impl Space {
@@ -79,7 +83,13 @@ impl Space {
     /// but the short-lived codes and the outbox.
     pub const BACKED_UP: &'static [Space] = Space::DATA.split_at(9).0;
     /// The key store's spaces.
-    pub const KEYS: &'static [Space] = &[Space::Wrapped, Space::GrantUses, Space::Nodes];
+    pub const KEYS: &'static [Space] = &[
+        Space::Wrapped,
+        Space::GrantUses,
+        Space::Nodes,
+        Space::ShredLedger,
+        Space::RevocationLedger,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -98,6 +108,8 @@ impl Space {
             Space::Wrapped => "wrapped",
             Space::GrantUses => "grant_uses",
             Space::Nodes => "nodes",
+            Space::ShredLedger => "shred_ledger",
+            Space::RevocationLedger => "revocation_ledger",
         }
     }
 
@@ -134,6 +146,12 @@ pub trait Backend: Send + Sync + 'static {
     /// only where the current value is `expected`. Returns how many were.
     fn swap(&self, s: Space, items: &[Swap]) -> Result<u64>;
     fn flush(&self) -> std::io::Result<()>;
+    /// Whether other processes (other nodes) may write this store while
+    /// this one runs: then nothing read may be cached, and what each node
+    /// writes on its own account must be keyed apart.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Key, expected value, new value.
@@ -324,6 +342,11 @@ impl Store {
             })),
             engine,
         }
+    }
+
+    /// Whether other nodes may write this store at the same time.
+    pub fn is_shared(&self) -> bool {
+        self.engine.shared()
     }
 
     /// The embedded data store in `dir` (the sled backend).
@@ -587,7 +610,52 @@ impl KeyStore {
         self.store.apply(&c)?;
         Ok(keys.len())
     }
+
+    /// A shared ledger's entries, in order.
+    pub fn ledger(&self, s: Space) -> Result<Vec<Vec<u8>>> {
+        self.store.scan(s, LEDGER_ENTRY).map(|kv| kv.map(|(_, v)| v)).collect()
+    }
+
+    /// A shared ledger's last entry.
+    pub fn ledger_last(&self, s: Space) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .store
+            .get(s, LEDGER_HEAD)?
+            .map(|h| h.get(8..).unwrap_or_default().to_vec()))
+    }
+
+    /// Appends `make(seq, last)` to a shared ledger, durable before it
+    /// returns: the entry numbered `seq`, following `last` (`None`: the
+    /// first). Writers on several nodes append at once: a commit expects the
+    /// head it read, and one that lost the race reads the new head and makes
+    /// its entry again, so every entry follows exactly one other.
+    pub fn append_ledger(&self, s: Space, make: MakeEntry<'_>) -> Result<()> {
+        loop {
+            let head = self.store.get(s, LEDGER_HEAD)?;
+            let (seq, last) = match &head {
+                Some(h) => (read_u64(h.get(..8).unwrap_or_default()) + 1, h.get(8..)),
+                None => (1, None),
+            };
+            let entry = make(seq, last)?;
+            let mut c = Commit::default();
+            c.expect(s, LEDGER_HEAD, head.as_deref());
+            c.insert(s, [LEDGER_ENTRY, &seq.to_be_bytes()[..]].concat(), &entry);
+            c.insert(s, LEDGER_HEAD, [&seq.to_be_bytes()[..], &entry].concat());
+            match self.store.commit_blocking(&c) {
+                Err(VaultError::VersionConflict { .. }) => continue,
+                done => return done,
+            }
+        }
+    }
 }
+
+/// Builds a ledger entry from its sequence number and the entry before it.
+pub type MakeEntry<'a> = &'a mut dyn FnMut(u64, Option<&[u8]>) -> Result<Vec<u8>>;
+
+/// A shared ledger's keys: `e` and the sequence number for an entry, `h` for
+/// the head (the last sequence number and entry).
+const LEDGER_ENTRY: &[u8] = b"e";
+const LEDGER_HEAD: &[u8] = b"h";
 
 #[cfg(test)]
 mod tests {

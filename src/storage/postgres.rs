@@ -380,6 +380,10 @@ impl Iterator for Scan<'_> {
 }
 
 impl Backend for Engine {
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn get(&self, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
         self.block(async {
             let c = self.client().await?;

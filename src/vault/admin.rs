@@ -415,7 +415,7 @@ impl Vault {
             "created_at": created_at,
             "key_epoch": self.keyring.current_epoch(),
             "audit_head": {"seq": seq, "hash": head, "signature": base_signature},
-            "ledger_head": self.ledger.head().0,
+            "ledger_head": self.ledger.head()?.0,
             "note": "ciphertexts, blind-index HMACs and token hashes only; data keys stay in the keys directory",
         });
         tokio::task::block_in_place(|| self.store.write_backup(out, &header))

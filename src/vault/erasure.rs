@@ -291,13 +291,13 @@ fn restore_into(cfg: &Config, keystore: &KeyStore, input: &mut dyn std::io::Read
         };
         crate::audit::write_base(dir, &base)?;
     }
-    let (_, entries) = Ledger::open(&cfg.keys.dir)?;
+    let (_, entries) = crate::ledger::open(cfg, keystore, LedgerKind::Shred)?;
     store.remove(Space::Meta, "ledger_applied")?;
     let replayed = replay_ledger(&store, keystore, &entries, &cfg.events)?;
     // Revocations are replayed against the token records at the next start
     // (which needs the keyring); until then no server runs on this directory,
     // and every lookup checks the revocation ledger in any case.
-    let (_, revocations) = Ledger::open_file(cfg.keys.dir.join(crate::ledger::REVOCATION_FILE))?;
+    let (_, revocations) = crate::ledger::open(cfg, keystore, LedgerKind::Revocation)?;
     let mut unrecoverable = vec![];
     for kv in store.scan(Space::Subjects, []) {
         let (k, v) = kv?;

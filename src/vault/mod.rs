@@ -21,7 +21,7 @@ use crate::events::NewEvent;
 use crate::fields::{normalize, FieldType};
 use crate::fsutil::{now_secs, rfc3339};
 use crate::keyring::Keyring;
-use crate::ledger::{Ledger, LedgerEntry};
+use crate::ledger::{Kind as LedgerKind, Ledger, LedgerEntry};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::{Action, Allowed, Capability, FieldsAsked, GrantScope, Request, SubjectState};
 use crate::release::{release, ReleaseForm};
@@ -205,11 +205,14 @@ impl Vault {
     pub fn open_with(cfg: Config, keyring: Keyring) -> anyhow_like::Result<Vault> {
         let (store, keystore) = crate::storage::open(&cfg).map_err(|e| e.to_string())?;
         nodes::check_epoch_floor(&keystore, &keyring).map_err(|e| e.to_string())?;
-        let (ledger, entries) = Ledger::open(&cfg.keys.dir).map_err(|e| e.to_string())?;
+        let (ledger, entries) = crate::ledger::open(&cfg, &keystore, LedgerKind::Shred).map_err(|e| e.to_string())?;
         replay_ledger(&store, &keystore, &entries, &cfg.events).map_err(|e| e.to_string())?;
-        let audit = AuditLog::open(&cfg.data_dir, &store, cfg.audit.fsync).map_err(|e| e.to_string())?;
+        let node_id = nodes::node_id(&cfg.data_dir).map_err(|e| e.to_string())?;
+        // On a shared store the nodes' chains index apart, by node id.
+        let chain = if store.is_shared() { node_id.as_str() } else { "" };
+        let audit = AuditLog::open(&cfg.data_dir, &store, cfg.audit.fsync, chain).map_err(|e| e.to_string())?;
         let (revocations, revoked) =
-            Ledger::open_file(cfg.keys.dir.join(crate::ledger::REVOCATION_FILE)).map_err(|e| e.to_string())?;
+            crate::ledger::open(&cfg, &keystore, LedgerKind::Revocation).map_err(|e| e.to_string())?;
         let tokens = Tokens::new(
             keyring.token_key(),
             keyring.record_mac_key(),
@@ -246,7 +249,7 @@ impl Vault {
             rotation: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
             events_wake: tokio::sync::watch::channel(0).0,
-            node_id: uuid::Uuid::new_v4().to_string(),
+            node_id,
         })
     }
 

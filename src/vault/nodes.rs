@@ -11,6 +11,9 @@
 //! - a rotation first raises the epoch floor in the key store, and a node
 //!   whose keys directory is older than the floor refuses to start, naming
 //!   the file to copy.
+//!
+//! A node is its data directory: its id is kept in `<data dir>/node.id`, so a
+//! node restarted after a crash is the same node, not a second one.
 
 use super::*;
 use std::time::Duration;
@@ -22,6 +25,24 @@ pub const LIVE_WINDOW: Duration = Duration::from_secs(15);
 
 const FLOOR: &str = "epoch_floor";
 const NODE_PREFIX: &[u8] = b"node/";
+const NODE_ID_FILE: &str = "node.id";
+
+/// This node's id: read from its data directory, made there at the first
+/// start.
+pub(super) fn node_id(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if uuid::Uuid::parse_str(s.trim()).is_ok() => Ok(s.trim().to_owned()),
+        Ok(_) => Err(VaultError::Internal(format!("{} holds no node id", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            crate::fsutil::create_private_dir(data_dir)?;
+            crate::fsutil::write_atomic(&path, id.as_bytes())?;
+            Ok(id)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
 
 impl Vault {
     /// Whether other nodes may share this vault's store.
@@ -34,6 +55,13 @@ impl Vault {
         let mut k = NODE_PREFIX.to_vec();
         k.extend_from_slice(self.node_id.as_bytes());
         self.keystore.store.insert(Space::Nodes, k, now_secs().to_be_bytes())
+    }
+
+    /// Withdraws this node's announcement (a clean stop).
+    pub fn leave(&self) -> Result<()> {
+        let mut k = NODE_PREFIX.to_vec();
+        k.extend_from_slice(self.node_id.as_bytes());
+        self.keystore.store.remove(Space::Nodes, k)
     }
 
     /// Nodes other than this one that announced themselves recently.

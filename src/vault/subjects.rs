@@ -503,7 +503,7 @@ impl Vault {
         ctx: &Ctx,
         auth: &Authenticated,
         id: &str,
-        after: u64,
+        after: &crate::audit::AccessCursor,
         limit: usize,
     ) -> Result<Value> {
         let (state, _) = self.subject_state(id, ctx.purpose.as_deref())?;

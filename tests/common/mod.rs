@@ -311,6 +311,35 @@ impl Server {
         }
     }
 
+    /// The shred ledger's entries, wherever the backend keeps it: the
+    /// keys directory's file (sled), the keys database (postgres).
+    pub async fn shred_ledger(&self) -> Vec<Value> {
+        let Some(url) = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "PDVAULT_STORAGE__KEYS_URL")
+            .map(|(_, v)| v)
+        else {
+            let text = std::fs::read_to_string(self.keys_dir().join("shred.ledger")).unwrap_or_default();
+            return text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        };
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        let conn = tokio::spawn(conn);
+        // Space 15 is the shred ledger; its entries' keys start with `e`.
+        let rows = client
+            .query(
+                "SELECT v FROM pdvault_kv WHERE space = 15 AND get_byte(k, 0) = 101 ORDER BY k",
+                &[],
+            )
+            .await
+            .unwrap();
+        drop(client);
+        let _ = conn.await;
+        rows.iter()
+            .map(|r| serde_json::from_slice(r.get::<_, &[u8]>(0)).unwrap())
+            .collect()
+    }
+
     /// Every byte of the data and keys directories.
     pub fn all_bytes(&self) -> Vec<(PathBuf, Vec<u8>)> {
         let mut out = vec![];
