@@ -269,7 +269,20 @@ impl Vault {
             .await?;
         let _g = self.gate.read().await;
         // Re-key: open everything under the old key, seal under a new one.
-        let mut current = self.open_fields(id, &rec, None)?;
+        let mut current = match self.open_fields(id, &rec, None) {
+            // Another node's write of this subject won since it was loaded,
+            // and destroyed the key of the version this edit started from.
+            Err(VaultError::DataKeyUnavailable) => {
+                return Err(match self.subject_state(id, None)? {
+                    (SubjectState::Erased, _) => VaultError::SubjectErased,
+                    (_, Some(now)) if now.version != rec.version => {
+                        VaultError::VersionConflict { current: now.version }
+                    }
+                    _ => VaultError::DataKeyUnavailable,
+                });
+            }
+            other => other?,
+        };
         let mut changed: Vec<String> = vec![];
         for (name, value) in changes {
             let before = current.iter().find(|(n, _)| *n == name).map(|(_, v)| v.expose());
