@@ -147,14 +147,18 @@ fn vault_paths(c: &mut Criterion) {
 /// entries (default 1,000,000; written directly in the log's format): 1,000
 /// callers with two tokens each, each entry a release of 1-3 fields.
 fn audit_impact(c: &mut Criterion) {
-    use pdvault::audit::{impact, AuditEntry, AuditLog, ExportFilter};
+    use pdvault::audit::{impact, log_path, AuditEntry, ExportFilter, Place};
     use std::io::Write;
     let n: u64 = std::env::var("PDVAULT_BENCH_AUDIT_ENTRIES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let path = AuditLog::log_path(dir.path());
+    let path = log_path(dir.path());
+    let place = Place::Files {
+        data_dir: dir.path().to_owned(),
+        keys_dir: dir.path().to_owned(),
+    };
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
     let fields = ["surname", "given_name", "phone", "address"];
@@ -174,6 +178,7 @@ fn audit_impact(c: &mut Criterion) {
             code: None,
             justification: None,
             target_token_id: None,
+            node: None,
             prev: "0".repeat(64),
             hash: format!("{seq:064x}"),
         };
@@ -188,14 +193,14 @@ fn audit_impact(c: &mut Criterion) {
         ..Default::default()
     };
     g.bench_function(format!("token_entries_{n}"), |b| {
-        b.iter(|| black_box(impact(dir.path(), &by_token).unwrap().releases))
+        b.iter(|| black_box(impact(&place, &by_token).unwrap().releases))
     });
     let by_caller = ExportFilter {
         caller: Some("courier-7".into()),
         ..Default::default()
     };
     g.bench_function(format!("caller_entries_{n}"), |b| {
-        b.iter(|| black_box(impact(dir.path(), &by_caller).unwrap().releases))
+        b.iter(|| black_box(impact(&place, &by_caller).unwrap().releases))
     });
     g.finish();
 }

@@ -443,8 +443,8 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
         .max(std::time::Duration::from_secs(1));
     if vault.on_shared_store() {
         // Announced before the first answer: a rotation on another node
-        // started from now on sees this one.
-        vault.announce().map_err(|e| e.to_string())?;
+        // started from now on sees this one (and its epochs are taken up).
+        vault.heartbeat().await.map_err(|e| e.to_string())?;
     }
     let heartbeat = crate::scheduler::spawn_heartbeat(vault.clone());
     let sched = crate::scheduler::spawn(vault.clone(), tick);
@@ -803,7 +803,8 @@ fn audit(cfg: Config, cmd: AuditCmd) -> CliResult {
                 caller: caller.clone(),
                 ..Default::default()
             };
-            let impact = crate::audit::impact(&cfg.data_dir, &filter).map_err(|e| e.to_string())?;
+            let place = crate::audit::Place::of(&cfg).map_err(|e| e.to_string())?;
+            let impact = crate::audit::impact(&place, &filter).map_err(|e| e.to_string())?;
             use std::io::IsTerminal;
             let table = match format.as_deref() {
                 Some("table") => true,
@@ -840,18 +841,24 @@ fn audit(cfg: Config, cmd: AuditCmd) -> CliResult {
             let pk = Keyring::read_public_key(&cfg.keys.dir).map_err(|e| {
                 format!("cannot check the audit log's signatures: the receipt key cannot be read ({e})")
             })?;
-            let anchor = crate::audit::read_anchor(&cfg.keys.dir);
-            let len = std::fs::metadata(crate::audit::AuditLog::log_path(&cfg.data_dir)).map(|m| m.len());
+            let place = crate::audit::Place::of(&cfg).map_err(|e| e.to_string())?;
+            // The size of the log file where there is one (else the bar counts bytes read).
+            let len = std::fs::metadata(crate::audit::log_path(&cfg.data_dir)).map(|m| m.len());
             let bar = Progress::start("audit verify", len.ok(), Unit::Bytes);
-            let verdict = crate::audit::verify_reporting(&cfg.data_dir, &pk, anchor.as_ref(), &mut |n| bar.add(n));
+            let verdict = crate::audit::verify(&place, &pk, &mut |n| bar.add(n));
             bar.finish("checked");
             match verdict.map_err(|e| e.to_string())? {
                 crate::audit::Verdict::Intact {
                     entries,
                     checkpoints,
+                    chains,
                     torn_tail,
                 } => {
-                    println!("audit log intact: {entries} entries, {checkpoints} signed checkpoints");
+                    let nodes = match place {
+                        crate::audit::Place::Files { .. } => String::new(),
+                        crate::audit::Place::Shared { .. } => format!(" in the chains of {chains} node(s)"),
+                    };
+                    println!("audit log intact: {entries} entries{nodes}, {checkpoints} signed checkpoints");
                     if torn_tail {
                         println!(
                             "torn tail: the last line is incomplete (a crash or a full disk mid-append); it was never acknowledged and the server drops it at its next start"
@@ -884,7 +891,8 @@ fn audit(cfg: Config, cmd: AuditCmd) -> CliResult {
                 caller,
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            crate::audit::export(&cfg.data_dir, &filter, &mut out).map_err(|e| e.to_string())?;
+            let place = crate::audit::Place::of(&cfg).map_err(|e| e.to_string())?;
+            crate::audit::export(&place, &filter, &mut out).map_err(|e| e.to_string())?;
             use std::io::Write;
             out.flush().map_err(|e| e.to_string())
         }

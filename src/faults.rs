@@ -9,7 +9,7 @@
 //! - `PDVAULT_FAULT_ENOSPC_FILE=PATH`: while PATH exists, the audit log's
 //!   writes and every store flush fail as a full disk does (`ENOSPC`);
 //! - `PDVAULT_FAULT_KEYRING_WRITE_FILE=PATH`: while PATH exists, writing
-//!   `master.key` fails;
+//!   the key epochs (`master.key`, or their record in a keys database) fails;
 //! - `PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE=PATH`: while PATH exists, the audit
 //!   log's `fdatasync` waits (so a test can see that no answer leaves before it);
 //! - `PDVAULT_FAULT_TOKEN_FILL_PAUSE=CALLER:MS`: a token lookup of that caller

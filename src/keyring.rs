@@ -12,6 +12,13 @@
 //! Destroying an epoch removes its sealed KEK from `master.key` (atomic
 //! rewrite); every data key still wrapped only under it becomes noise.
 //!
+//! Where several nodes share one keys database (the postgres backend), the
+//! epochs live there instead, as one record sealed under the unseal key
+//! ([`SharedEpochs`]): every change is a compare-and-swap of that record, a
+//! node that meets an epoch it does not know reloads it, and `master.key`
+//! keeps only the KDF parameters and the root secret (its epochs are moved
+//! out, and removed from the file, at the first start on the database).
+//!
 //! Changing the passphrase re-seals the root secret, every KEK and the
 //! receipt key under a new salt. `master.key`'s atomic rewrite is the commit
 //! point: the new `receipt.key` is written beside it first (`receipt.key.next`)
@@ -47,6 +54,16 @@ pub enum KeyringError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("argon2: {0}")]
     Kdf(String),
+    #[error("the key epochs in the keys database: {0}")]
+    Shared(String),
+    #[error("the key epochs were changed by another node meanwhile; try again")]
+    Raced,
+    #[error("a rotation to epoch {target} is under way on node {node}")]
+    RotationElsewhere { target: u32, node: String },
+    #[error(
+        "{0} keeps its key epochs in a keys database (storage.backend = \"postgres\"); it cannot serve another backend"
+    )]
+    EpochsElsewhere(PathBuf),
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -74,10 +91,13 @@ struct EpochFile {
     kek: String,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Rotation {
     pub target: u32,
     pub started_at: u64,
+    /// The node running it, where several share the epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -90,6 +110,30 @@ struct MasterFile {
     rotation: Option<Rotation>,
     last_rotation_at: u64,
     destroyed: Vec<DestroyedEpoch>,
+    /// The epochs are kept in a keys database, not in this file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    epochs_shared: bool,
+}
+
+/// The epochs as kept in a keys database: sealed whole under the unseal key.
+#[derive(Serialize, Deserialize)]
+struct SharedRecord {
+    /// Raised by every change: which of two records is newer.
+    serial: u64,
+    current: u32,
+    epochs: Vec<EpochFile>,
+    rotation: Option<Rotation>,
+    last_rotation_at: u64,
+    destroyed: Vec<DestroyedEpoch>,
+}
+
+/// The keys database's one record of the epochs, which the keyring loads
+/// and replaces whole (the postgres backend; implemented over the key store).
+pub trait SharedEpochs: Send + Sync {
+    fn load(&self) -> Result<Option<Vec<u8>>, String>;
+    /// Replaces the record if it still holds `expected` (`None`: absent);
+    /// `false` when another node changed it first.
+    fn replace(&self, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, String>;
 }
 
 /// A record that an epoch's key was destroyed (no key material).
@@ -117,6 +161,8 @@ struct Epoch {
 
 #[derive(Clone)]
 struct State {
+    /// The shared record's serial this state came from (0: the file's).
+    serial: u64,
     current: u32,
     epochs: BTreeMap<u32, Epoch>,
     rotation: Option<Rotation>,
@@ -151,8 +197,16 @@ impl Derived {
     }
 }
 
+/// The shared record as this node last read or wrote it.
+type LastRecord = std::sync::Mutex<Option<Vec<u8>>>;
+
 pub struct Keyring {
     dir: PathBuf,
+    /// Where the epochs live: `None` in `master.key`, else the keys
+    /// database, with the record as last read or written.
+    shared: Option<(Box<dyn SharedEpochs>, LastRecord)>,
+    /// `master.key` says its epochs are in a keys database.
+    file_says_shared: bool,
     kdf_file: (KdfParams, Vec<u8>),
     unseal: SecretKey,
     sealed_root: Vec<u8>,
@@ -165,7 +219,61 @@ fn epoch_aad(epoch: u32) -> Vec<u8> {
     format!("pdvault/keyring/epoch/{epoch}").into_bytes()
 }
 const ROOT_AAD: &[u8] = b"pdvault/keyring/root";
+const SHARED_AAD: &[u8] = b"pdvault/keyring/shared-epochs";
 const RECEIPT_AAD: &[u8] = b"pdvault/keyring/receipt";
+
+/// The retired epochs older than `retention`: none while a rotation is
+/// under way (its source epoch still wraps live keys).
+fn doomed(st: &State, now: u64, retention: std::time::Duration) -> Vec<u32> {
+    if st.rotation.is_some() {
+        return vec![];
+    }
+    st.epochs
+        .iter()
+        .filter(|(n, e)| {
+            **n != st.current
+                && e.retired_at
+                    .is_some_and(|r| r.saturating_add(retention.as_secs()) <= now)
+        })
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+/// Unseals the KEK of each epoch listed.
+fn open_epochs(unseal: &SecretKey, files: &[EpochFile]) -> Result<BTreeMap<u32, Epoch>, String> {
+    let mut epochs = BTreeMap::new();
+    for e in files {
+        let sealed = B64.decode(&e.kek).map_err(|_| "kek".to_string())?;
+        let kek = unseal
+            .aead()
+            .open(&sealed, &epoch_aad(e.epoch))
+            .map_err(|_| "a KEK does not open".to_string())?;
+        let kek = SecretKey::from_bytes(kek.expose()).map_err(|_| "kek length".to_string())?;
+        epochs.insert(
+            e.epoch,
+            Epoch {
+                created_at: e.created_at,
+                retired_at: e.retired_at,
+                sealed,
+                kek: Arc::new(kek.aead_pinned()),
+            },
+        );
+    }
+    Ok(epochs)
+}
+
+/// The sealed KEKs of a state, as written.
+fn epoch_files(st: &State) -> Vec<EpochFile> {
+    st.epochs
+        .iter()
+        .map(|(n, e)| EpochFile {
+            epoch: *n,
+            created_at: e.created_at,
+            retired_at: e.retired_at,
+            kek: B64.encode(&e.sealed),
+        })
+        .collect()
+}
 
 fn derive_unseal(passphrase: &[u8], p: KdfParams, salt: &[u8]) -> Result<SecretKey, KeyringError> {
     let params = argon2::Params::new(p.m_kib, p.t, p.p, Some(32)).map_err(|e| KeyringError::Kdf(e.to_string()))?;
@@ -222,12 +330,15 @@ impl Keyring {
         );
         let kr = Keyring {
             dir: dir.to_owned(),
+            shared: None,
+            file_says_shared: false,
             kdf_file: (kdf, salt),
             derived: Derived::from_root(&root),
             unseal,
             sealed_root,
             receipt,
             state: RwLock::new(State {
+                serial: 0,
                 current: 1,
                 epochs,
                 rotation: None,
@@ -279,25 +390,8 @@ impl Keyring {
             .open(&sealed_root, ROOT_AAD)
             .map_err(|_| KeyringError::WrongPassphrase(master.clone()))?;
         let root = SecretKey::from_bytes(root.expose()).map_err(|_| malformed("root length"))?;
-        let mut epochs = BTreeMap::new();
-        for e in &mf.epochs {
-            let sealed = B64.decode(&e.kek).map_err(|_| malformed("kek"))?;
-            let kek = unseal
-                .aead()
-                .open(&sealed, &epoch_aad(e.epoch))
-                .map_err(|_| malformed("a KEK does not open"))?;
-            let kek = SecretKey::from_bytes(kek.expose()).map_err(|_| malformed("kek length"))?;
-            epochs.insert(
-                e.epoch,
-                Epoch {
-                    created_at: e.created_at,
-                    retired_at: e.retired_at,
-                    sealed,
-                    kek: Arc::new(kek.aead_pinned()),
-                },
-            );
-        }
-        if !epochs.contains_key(&mf.current) {
+        let epochs = open_epochs(&unseal, &mf.epochs).map_err(|why| malformed(&why))?;
+        if !mf.epochs_shared && !epochs.contains_key(&mf.current) {
             return Err(malformed("current epoch has no key"));
         }
         let receipt_path = dir.join(RECEIPT_FILE);
@@ -318,12 +412,15 @@ impl Keyring {
         let receipt = ReceiptKey::from_seed(seed.expose()).map_err(|_| malformed("receipt seed length"))?;
         Ok(Keyring {
             dir: dir.to_owned(),
+            shared: None,
+            file_says_shared: mf.epochs_shared,
             kdf_file: (kdf, salt),
             derived: Derived::from_root(&root),
             unseal,
             sealed_root,
             receipt,
             state: RwLock::new(State {
+                serial: 0,
                 current: mf.current,
                 epochs,
                 rotation: mf.rotation,
@@ -363,6 +460,13 @@ impl Keyring {
     /// keys directory made before still opens with it (rotate the KEK and
     /// let the old epochs be destroyed to make such a copy useless).
     pub fn change_passphrase(self, new_passphrase: &[u8]) -> Result<Keyring, KeyringError> {
+        if self.file_says_shared {
+            // The epochs in the keys database are sealed under the old
+            // unseal key, and every node's copy of master.key with them.
+            return Err(KeyringError::Shared(
+                "the passphrase of a keys directory whose epochs are in a keys database cannot be changed yet (storage.backend = \"postgres\")".into(),
+            ));
+        }
         let (kdf, _) = self.kdf_file;
         let salt = crate::crypto::random_bytes::<16>().to_vec();
         let unseal = derive_unseal(new_passphrase, kdf, &salt)?;
@@ -399,6 +503,8 @@ impl Keyring {
         })?;
         let kr = Keyring {
             dir: self.dir.clone(),
+            shared: None,
+            file_says_shared: false,
             kdf_file: (kdf, salt),
             unseal,
             sealed_root,
@@ -457,19 +563,25 @@ impl Keyring {
             },
             root: B64.encode(&self.sealed_root),
             current: st.current,
-            epochs: st
-                .epochs
-                .iter()
-                .map(|(n, e)| EpochFile {
-                    epoch: *n,
-                    created_at: e.created_at,
-                    retired_at: e.retired_at,
-                    kek: B64.encode(&e.sealed),
-                })
-                .collect(),
-            rotation: st.rotation,
+            epochs: epoch_files(st),
+            rotation: st.rotation.clone(),
             last_rotation_at: st.last_rotation_at,
             destroyed: st.destroyed.clone(),
+            epochs_shared: false,
+        };
+        let mf = if self.file_says_shared || self.shared.is_some() {
+            // Only the KDF and the root: the epochs are the database's.
+            MasterFile {
+                current: 0,
+                epochs: vec![],
+                rotation: None,
+                last_rotation_at: 0,
+                destroyed: vec![],
+                epochs_shared: true,
+                ..mf
+            }
+        } else {
+            mf
         };
         let path = self.dir.join(MASTER_FILE);
         if crate::faults::armed("PDVAULT_FAULT_KEYRING_WRITE_FILE") {
@@ -492,13 +604,18 @@ impl Keyring {
     }
 
     /// The KEK of an epoch, if it still exists.
+    /// Where the epochs are shared, an epoch this node does not know yet
+    /// (another node rotated) is looked up in the keys database first.
     pub fn kek(&self, epoch: u32) -> Option<Arc<Aead256>> {
-        self.state
-            .read()
-            .expect("keyring lock")
-            .epochs
-            .get(&epoch)
-            .map(|e| e.kek.clone())
+        let known = |st: &State| st.epochs.get(&epoch).map(|e| e.kek.clone());
+        let found = known(&self.state.read().expect("keyring lock"));
+        if found.is_some() || self.shared.is_none() {
+            return found;
+        }
+        if let Err(e) = self.refresh() {
+            tracing::error!(error = %e, "could not read the key epochs from the keys database");
+        }
+        known(&self.state.read().expect("keyring lock"))
     }
 
     /// The current epoch and its KEK, read together.
@@ -520,7 +637,7 @@ impl Keyring {
     }
 
     pub fn rotation(&self) -> Option<Rotation> {
-        self.state.read().expect("keyring lock").rotation
+        self.state.read().expect("keyring lock").rotation.clone()
     }
 
     pub fn last_rotation_at(&self) -> u64 {
@@ -530,18 +647,186 @@ impl Keyring {
     /// Writes `next` to `master.key`, then makes it the state in memory:
     /// nothing is used (no key wrapped under a new epoch, no epoch forgotten)
     /// before it is on disk. A failed write changes nothing.
-    fn commit(&self, st: &mut State, next: State) -> Result<(), KeyringError> {
-        self.persist_locked(&next)?;
+    fn commit(&self, st: &mut State, mut next: State) -> Result<(), KeyringError> {
+        match &self.shared {
+            None => self.persist_locked(&next)?,
+            Some((home, last)) => {
+                if crate::faults::armed("PDVAULT_FAULT_KEYRING_WRITE_FILE") {
+                    return Err(KeyringError::Shared(
+                        "fault point: the epochs record write fails".into(),
+                    ));
+                }
+                let mut last = last.lock().expect("keyring lock");
+                next.serial = st.serial + 1;
+                let raw = self.seal_shared(&next);
+                if !home.replace(last.as_deref(), &raw).map_err(KeyringError::Shared)? {
+                    drop(last);
+                    // Lost to another node: take what it wrote, and let the
+                    // caller decide again from there.
+                    self.reload_into(st)?;
+                    return Err(KeyringError::Raced);
+                }
+                *last = Some(raw);
+            }
+        }
         *st = next;
         Ok(())
     }
 
+    fn seal_shared(&self, st: &State) -> Vec<u8> {
+        let rec = SharedRecord {
+            serial: st.serial,
+            current: st.current,
+            epochs: epoch_files(st),
+            rotation: st.rotation.clone(),
+            last_rotation_at: st.last_rotation_at,
+            destroyed: st.destroyed.clone(),
+        };
+        self.unseal
+            .aead()
+            .seal(&Zeroizing::new(serde_json::to_vec(&rec).expect("json")), SHARED_AAD)
+    }
+
+    fn open_shared(&self, raw: &[u8]) -> Result<State, KeyringError> {
+        let bad = |why: &str| KeyringError::Shared(format!("{why} (altered, or sealed under another passphrase)"));
+        let plain = self
+            .unseal
+            .aead()
+            .open(raw, SHARED_AAD)
+            .map_err(|_| bad("the record does not open"))?;
+        let rec: SharedRecord = serde_json::from_slice(plain.expose()).map_err(|_| bad("the record is malformed"))?;
+        let epochs = open_epochs(&self.unseal, &rec.epochs).map_err(|why| bad(&why))?;
+        if !epochs.contains_key(&rec.current) {
+            return Err(bad("the current epoch has no key"));
+        }
+        Ok(State {
+            serial: rec.serial,
+            current: rec.current,
+            epochs,
+            rotation: rec.rotation,
+            last_rotation_at: rec.last_rotation_at,
+            destroyed: rec.destroyed,
+        })
+    }
+
+    /// Reads the shared record into `st` if it changed; whether it did.
+    fn reload_into(&self, st: &mut State) -> Result<bool, KeyringError> {
+        let Some((home, last)) = &self.shared else {
+            return Ok(false);
+        };
+        let mut last = last.lock().expect("keyring lock");
+        let raw = home
+            .load()
+            .map_err(KeyringError::Shared)?
+            .ok_or_else(|| KeyringError::Shared("the record is gone".into()))?;
+        if last.as_deref() == Some(raw.as_slice()) {
+            return Ok(false);
+        }
+        let next = self.open_shared(&raw)?;
+        if next.serial < st.serial {
+            return Err(KeyringError::Shared(format!(
+                "the record went back from serial {} to {} (an old copy was put back?)",
+                st.serial, next.serial
+            )));
+        }
+        *st = next;
+        *last = Some(raw);
+        Ok(true)
+    }
+
+    /// Takes the epochs from the keys database (another node may have
+    /// changed them); whether anything changed. Nothing on a keyring that
+    /// keeps its epochs in `master.key`.
+    pub fn refresh(&self) -> Result<bool, KeyringError> {
+        if self.shared.is_none() {
+            return Ok(false);
+        }
+        let mut st = self.state.write().expect("keyring lock");
+        self.reload_into(&mut st)
+    }
+
+    /// Moves the epochs to (or takes them from) a keys database that several
+    /// nodes share. The first node to start on an empty database puts its
+    /// `master.key` epochs there; from then on the database's record is the
+    /// only one, and this node's `master.key` is rewritten without epochs.
+    pub fn share_epochs(&mut self, home: Box<dyn SharedEpochs>) -> Result<(), KeyringError> {
+        let gone = || KeyringError::Shared("the record is gone".into());
+        let raw = match home.load().map_err(KeyringError::Shared)? {
+            Some(raw) => raw,
+            None if self.file_says_shared => {
+                return Err(KeyringError::Shared(
+                    "the keys database holds no epochs, and this master.key gave its epochs to one: is storage.keys_url the database this keys directory ran with?".into(),
+                ))
+            }
+            None => {
+                let mut first = self.state.read().expect("keyring lock").clone();
+                first.serial = 1;
+                let raw = self.seal_shared(&first);
+                if home.replace(None, &raw).map_err(KeyringError::Shared)? {
+                    raw
+                } else {
+                    // Another node was first: its record is the one.
+                    home.load().map_err(KeyringError::Shared)?.ok_or_else(gone)?
+                }
+            }
+        };
+        *self.state.get_mut().expect("keyring lock") = self.open_shared(&raw)?;
+        self.shared = Some((home, std::sync::Mutex::new(Some(raw))));
+        if !self.file_says_shared {
+            self.persist()?;
+            self.file_says_shared = true;
+        }
+        Ok(())
+    }
+
+    /// Refuses a `master.key` whose epochs went to a keys database, for a
+    /// backend that keeps them in the file.
+    pub fn check_epochs_here(&self) -> Result<(), KeyringError> {
+        if self.file_says_shared && self.shared.is_none() {
+            return Err(KeyringError::EpochsElsewhere(self.dir.join(MASTER_FILE)));
+        }
+        Ok(())
+    }
+
+    /// The serial of the epochs this keyring uses (0 where they are in the file).
+    pub fn epochs_serial(&self) -> u64 {
+        self.state.read().expect("keyring lock").serial
+    }
+
     /// Starts a rotation (a new epoch becomes current for all new wrapping),
     /// or returns the one already under way so that it can be finished.
-    pub fn begin_rotation(&self, now: u64) -> Result<Rotation, KeyringError> {
+    /// Where several nodes share the epochs, `node` names this one, and a
+    /// rotation under way on another node that `serving` says is alive is
+    /// not taken over: it is refused.
+    pub fn begin_rotation(
+        &self,
+        now: u64,
+        node: Option<&str>,
+        serving: &dyn Fn(&str) -> bool,
+    ) -> Result<Rotation, KeyringError> {
         let mut st = self.state.write().expect("keyring lock");
-        if let Some(r) = st.rotation {
-            return Ok(r);
+        self.reload_into(&mut st)?;
+        if let Some(r) = st.rotation.clone() {
+            match (r.node.as_deref(), node) {
+                (Some(other), Some(me)) if other != me && serving(other) => {
+                    return Err(KeyringError::RotationElsewhere {
+                        target: r.target,
+                        node: other.to_owned(),
+                    })
+                }
+                (owner, me) if owner != me => {
+                    // Its node stopped: this one finishes it.
+                    let mut next = st.clone();
+                    let taken = Rotation {
+                        node: me.map(str::to_owned),
+                        ..r
+                    };
+                    next.rotation = Some(taken.clone());
+                    self.commit(&mut st, next)?;
+                    return Ok(taken);
+                }
+                _ => return Ok(r),
+            }
         }
         let target = st
             .epochs
@@ -567,8 +852,9 @@ impl Keyring {
         let r = Rotation {
             target,
             started_at: now,
+            node: node.map(str::to_owned),
         };
-        next.rotation = Some(r);
+        next.rotation = Some(r.clone());
         self.commit(&mut st, next)?;
         Ok(r)
     }
@@ -576,6 +862,7 @@ impl Keyring {
     /// Every live data key is wrapped under the target: older epochs retire.
     pub fn finish_rotation(&self, now: u64) -> Result<(), KeyringError> {
         let mut st = self.state.write().expect("keyring lock");
+        self.reload_into(&mut st)?;
         let mut next = st.clone();
         let current = next.current;
         for (n, e) in next.epochs.iter_mut() {
@@ -592,19 +879,8 @@ impl Keyring {
     /// rotation is under way (its source epoch still wraps live keys).
     pub fn destroy_expired(&self, now: u64, retention: std::time::Duration) -> Result<Vec<u32>, KeyringError> {
         let mut st = self.state.write().expect("keyring lock");
-        if st.rotation.is_some() {
-            return Ok(vec![]);
-        }
-        let doomed: Vec<u32> = st
-            .epochs
-            .iter()
-            .filter(|(n, e)| {
-                **n != st.current
-                    && e.retired_at
-                        .is_some_and(|r| r.saturating_add(retention.as_secs()) <= now)
-            })
-            .map(|(n, _)| *n)
-            .collect();
+        self.reload_into(&mut st)?;
+        let doomed = doomed(&st, now, retention);
         if doomed.is_empty() {
             return Ok(doomed);
         }
@@ -618,6 +894,11 @@ impl Keyring {
         }
         self.commit(&mut st, next)?;
         Ok(doomed)
+    }
+
+    /// Whether `destroy_expired` would destroy an epoch now.
+    pub fn any_expired(&self, now: u64, retention: std::time::Duration) -> bool {
+        !doomed(&self.state.read().expect("keyring lock"), now, retention).is_empty()
     }
 
     pub fn index_key(&self) -> &SecretKey {
@@ -666,9 +947,13 @@ mod tests {
             Err(KeyringError::WrongPassphrase(_))
         ));
         assert_eq!(before, std::fs::read(d.path().join(MASTER_FILE)).unwrap());
-        let r = k.begin_rotation(100).unwrap();
+        let r = k.begin_rotation(100, None, &|_| false).unwrap();
         assert_eq!(r.target, 2);
-        assert_eq!(k.begin_rotation(101).unwrap(), r, "an unfinished rotation is resumed");
+        assert_eq!(
+            k.begin_rotation(101, None, &|_| false).unwrap(),
+            r,
+            "an unfinished rotation is resumed"
+        );
         k.finish_rotation(102).unwrap();
         let k2 = Keyring::open(d.path(), b"correct horse").unwrap();
         assert_eq!(k2.current_epoch(), 2);
@@ -681,5 +966,74 @@ mod tests {
         let k3 = Keyring::open(d.path(), b"correct horse").unwrap();
         assert!(k3.kek(1).is_none());
         assert!(k3.kek(2).is_some());
+    }
+
+    /// The keys database's record, in memory: what two nodes share.
+    #[derive(Clone, Default)]
+    struct Record(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+    impl SharedEpochs for Record {
+        fn load(&self) -> Result<Option<Vec<u8>>, String> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn replace(&self, expected: Option<&[u8]>, new: &[u8]) -> Result<bool, String> {
+            let mut r = self.0.lock().unwrap();
+            if r.as_deref() != expected {
+                return Ok(false);
+            }
+            *r = Some(new.to_vec());
+            Ok(true)
+        }
+    }
+
+    #[test]
+    fn two_nodes_share_epochs_through_one_record() {
+        let d = tempfile::tempdir().unwrap();
+        let small = KdfParams { m_kib: 8, t: 1, p: 1 };
+        Keyring::create(d.path(), b"pw", small).unwrap();
+        let copy = tempfile::tempdir().unwrap();
+        for f in [MASTER_FILE, RECEIPT_FILE] {
+            std::fs::copy(d.path().join(f), copy.path().join(f)).unwrap();
+        }
+        let db = Record::default();
+        let mut a = Keyring::open(d.path(), b"pw").unwrap();
+        a.share_epochs(Box::new(db.clone())).unwrap();
+        // master.key keeps no epoch once the database has them.
+        let mf: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.path().join(MASTER_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            (mf["epochs_shared"].as_bool(), mf["epochs"].as_array().map(Vec::len)),
+            (Some(true), Some(0))
+        );
+        assert!(matches!(
+            Keyring::open(d.path(), b"pw").unwrap().check_epochs_here(),
+            Err(KeyringError::EpochsElsewhere(_))
+        ));
+        let mut b = Keyring::open(copy.path(), b"pw").unwrap();
+        b.share_epochs(Box::new(db.clone())).unwrap();
+        assert_eq!(a.epochs_serial(), b.epochs_serial());
+
+        // A rotates; B opens a key of the new epoch without being told.
+        let r = a.begin_rotation(10, Some("a"), &|_| true).unwrap();
+        assert_eq!(r.target, 2);
+        assert!(b.kek(2).is_some(), "B reloads an epoch it does not know");
+        assert_eq!(b.current_epoch(), 2);
+        // B may not take over a rotation of a node that serves, may after.
+        assert!(matches!(
+            b.begin_rotation(11, Some("b"), &|n| n == "a"),
+            Err(KeyringError::RotationElsewhere { target: 2, .. })
+        ));
+        let taken = b.begin_rotation(11, Some("b"), &|_| false).unwrap();
+        assert_eq!((taken.target, taken.node.as_deref()), (2, Some("b")));
+        // A's view was old: its next change re-reads, and does not undo B's.
+        b.finish_rotation(12).unwrap();
+        a.finish_rotation(13).unwrap();
+        assert_eq!(b.destroy_expired(14, std::time::Duration::ZERO).unwrap(), vec![1]);
+        assert!(a.refresh().unwrap());
+        assert!(a.kek(1).is_none() && a.kek(2).is_some());
+        // A record sealed under another passphrase is refused.
+        let other = tempfile::tempdir().unwrap();
+        let mut c = Keyring::create(other.path(), b"other", small).unwrap();
+        assert!(matches!(c.share_epochs(Box::new(db)), Err(KeyringError::Shared(_))));
     }
 }

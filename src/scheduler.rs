@@ -10,17 +10,16 @@ use std::time::Duration;
 /// How often the scheduler wakes.
 pub const TICK: Duration = Duration::from_secs(60);
 
-/// On a shared store: announces this node every `HEARTBEAT` (so that a
-/// rotation elsewhere knows it serves). `None` on a store of its own.
+/// On a shared store: every `HEARTBEAT`, takes up the key epochs as the
+/// keys database has them and announces this node (so that a rotation
+/// elsewhere knows it serves, and under which epochs). `None` on a store of
+/// its own.
 pub fn spawn_heartbeat(vault: Arc<Vault>) -> Option<tokio::task::JoinHandle<()>> {
     vault.on_shared_store().then(|| {
         tokio::spawn(async move {
             loop {
-                let v = vault.clone();
-                match tokio::task::spawn_blocking(move || v.announce()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "could not announce this node"),
-                    Err(e) => tracing::error!(error = %e, "node announcement task failed"),
+                if let Err(e) = vault.heartbeat().await {
+                    tracing::error!(error = %e, "could not announce this node");
                 }
                 tokio::time::sleep(crate::vault::HEARTBEAT).await;
             }
@@ -50,7 +49,7 @@ pub fn spawn(vault: Arc<Vault>, tick: Duration) -> tokio::task::JoinHandle<()> {
                     Err(e) => tracing::error!(error = %e, "scheduled key rotation failed"),
                 }
             }
-            if let Err(e) = vault.destroy_expired_epochs() {
+            if let Err(e) = vault.destroy_expired_epochs().await {
                 tracing::error!(error = %e, "could not destroy expired epochs");
             }
             if let Err(e) = vault.sweep_self_codes(now) {

@@ -658,13 +658,28 @@ async fn restore_replays_shred_ledger_and_refuses_non_empty_dir() {
         receipt,
         "the restored dir holds the same receipt"
     );
-    // The restored directory's audit log continues the backup's chain: its
+    // The restored store's audit log continues the backup's chain: its
     // first entry follows the backup's head, and the whole log verifies.
-    let log = std::fs::read_to_string(s.data_dir().join("audit/audit.log")).unwrap();
-    let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
-    let base: Value = serde_json::from_slice(&std::fs::read(s.data_dir().join("audit/base.json")).unwrap()).unwrap();
-    assert_eq!(first["seq"].as_u64().unwrap(), base["seq"].as_u64().unwrap() + 1);
-    assert_eq!(first["prev"], base["hash"]);
+    let entries = s.audit_entries();
+    let first = entries.first().expect("entries after the restore");
+    let head = &report["backup"]["audit_head"];
+    assert_eq!(
+        first["seq"].as_u64().unwrap(),
+        head["seq"].as_u64().unwrap() + 1,
+        "{first} after {report}"
+    );
+    assert_eq!(first["prev"], head["hash"], "{first} after {report}");
+    // On sled the base is the file `audit/base.json`, beside the log.
+    if !audit_files_only("restore_replays_shred_ledger_and_refuses_non_empty_dir: audit/base.json") {
+        let log = std::fs::read_to_string(s.data_dir().join("audit/audit.log")).unwrap();
+        let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+        let base: Value =
+            serde_json::from_slice(&std::fs::read(s.data_dir().join("audit/base.json")).unwrap()).unwrap();
+        assert_eq!(first["seq"].as_u64().unwrap(), base["seq"].as_u64().unwrap() + 1);
+        assert_eq!(first["prev"], base["hash"]);
+        assert_eq!(base["seq"], head["seq"]);
+        assert_eq!(base["hash"], head["hash"]);
+    }
     let out = s.cmd().args(["audit", "verify"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
@@ -1019,12 +1034,11 @@ async fn retention_sweeper_erases_inactive_subjects() {
         .await;
     assert_eq!(r.status, 404, "{}", r.text);
 
-    let log = std::fs::read_to_string(s.data_dir().join("audit").join("audit.log")).unwrap();
+    let log = s.audit_entries();
     let entry = log
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .iter()
         .find(|e| e["action"] == "erase" && e["subject"] == id.as_str())
-        .unwrap_or_else(|| panic!("no erase entry for the subject in the audit log:\n{log}"));
+        .unwrap_or_else(|| panic!("no erase entry for the subject in the audit log:\n{log:#?}"));
     assert_eq!(entry["caller"], "retention-sweeper", "{entry}");
     assert_eq!(entry["outcome"], "allowed", "{entry}");
     assert!(

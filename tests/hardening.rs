@@ -50,22 +50,6 @@ async fn grant(s: &Server, parent: &str, id: &str, fields: &[&str], max_uses: u6
     r.body["token"].as_str().unwrap().to_string()
 }
 
-fn audit_lines(s: &Server) -> Vec<Value> {
-    std::fs::read_to_string(s.data_dir().join("audit/audit.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn checkpoints(data: &Path) -> Vec<Value> {
-    std::fs::read_to_string(data.join("audit/checkpoints.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// `pdvault audit verify` on `data` with `keys`: (exit code, stdout, stderr).
 fn verify(s: &Server, data: &Path, keys: &Path) -> (i32, String, String) {
     let out = std::process::Command::new(BIN)
@@ -76,6 +60,7 @@ fn verify(s: &Server, data: &Path, keys: &Path) -> (i32, String, String) {
         .arg("--keys-dir")
         .arg(keys)
         .args(["audit", "verify"])
+        .envs(s.env.iter().map(|(k, v)| (k, v)))
         .env_remove("PDVAULT_PASSPHRASE")
         .output()
         .unwrap();
@@ -375,17 +360,17 @@ async fn checkpoints_at_start_on_schedule_and_at_shutdown() {
 
     // Shutdown signs the final head.
     s.stop();
-    let last = audit_lines(&s).last().unwrap()["seq"].as_u64().unwrap();
-    let cps = checkpoints(&s.data_dir());
+    let last = s.audit_entries().last().unwrap()["seq"].as_u64().unwrap();
+    let cps = s.audit_checkpoints().await;
     assert_eq!(cps.last().unwrap()["seq"].as_u64(), Some(last), "{cps:?}");
 
     // A crash signs nothing; the next start signs the recovered head.
     s.spawn().await;
     s.get(&format!("/v1/subjects/{id}"), &tok, Some("order")).await;
     s.kill9();
-    let last = audit_lines(&s).last().unwrap()["seq"].as_u64().unwrap();
+    let last = s.audit_entries().last().unwrap()["seq"].as_u64().unwrap();
     s.spawn().await;
-    let cps = checkpoints(&s.data_dir());
+    let cps = s.audit_checkpoints().await;
     assert_eq!(cps.last().unwrap()["seq"].as_u64(), Some(last), "{cps:?}");
     s.stop();
 
@@ -394,9 +379,11 @@ async fn checkpoints_at_start_on_schedule_and_at_shutdown() {
     let s = Server::start_with(Some(&every_second), vec![]).await;
     let tok = order_token(&s).await;
     s.create(&tok, json!({"surname": "Ivanova"})).await;
-    let seq = audit_lines(&s).last().unwrap()["seq"].as_u64().unwrap();
+    let seq = s.audit_entries().last().unwrap()["seq"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !checkpoints(&s.data_dir())
+    while !s
+        .audit_checkpoints()
+        .await
         .iter()
         .any(|c| c["seq"].as_u64() >= Some(seq))
     {
@@ -409,6 +396,9 @@ async fn checkpoints_at_start_on_schedule_and_at_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_fails_on_every_tampering() {
+    if audit_files_only("audit_verify_fails_on_every_tampering") {
+        return;
+    }
     let mut s = Server::start().await;
     let tok = order_token(&s).await;
     let id = s.create(&tok, json!({"surname": "Ivanova"})).await;
@@ -590,7 +580,7 @@ async fn token_issue_revoke_and_grant_entries_name_the_token() {
     let grant_id = gr.body["id"].as_str().unwrap().to_string();
     let rv = s.revoke(&tok_id).await;
     assert_eq!(rv.status, 200);
-    let lines = audit_lines(&s);
+    let lines = s.audit_entries();
     let find = |action: &str| {
         lines
             .iter()
@@ -927,8 +917,8 @@ async fn no_store_problem_json_private_files_and_a_valid_dev_certificate() {
     {
         if !on_postgres() {
             assert_eq!(mode(&s.data_dir().join("db")), 0o700);
+            assert_eq!(mode(&s.data_dir().join("audit/audit.log")), 0o600);
         }
-        assert_eq!(mode(&s.data_dir().join("audit/audit.log")), 0o600);
         for (p, _) in s.all_bytes() {
             assert_eq!(mode(&p) & 0o077, 0, "{} is readable by others", p.display());
         }

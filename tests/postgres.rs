@@ -23,7 +23,7 @@ fn skipped(test: &str) -> bool {
 }
 
 /// A second node beside `a`: the same configuration and databases, its own
-/// copy of `a`'s keys directory, its own data directory (its audit log).
+/// copy of `a`'s keys directory, its own data directory (its node id).
 async fn second_node(a: &Server) -> Server {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&a.keys_dir(), &dir.path().join("keys"));
@@ -229,6 +229,19 @@ async fn kill_9_of_one_node_under_load_loses_no_acknowledged_write() {
     }
 }
 
+/// The keys database's record of the epochs, as read once (the test only
+/// unwraps with it).
+struct EpochsAsRead(Vec<u8>);
+
+impl pdvault::keyring::SharedEpochs for EpochsAsRead {
+    fn load(&self) -> Result<Option<Vec<u8>>, String> {
+        Ok(Some(self.0.clone()))
+    }
+    fn replace(&self, _: Option<&[u8]>, _: &[u8]) -> Result<bool, String> {
+        Err("read only".into())
+    }
+}
+
 /// `PDVAULT_TEST_POSTGRES_DIR`: the cluster's directory (`scripts/pg-cluster`),
 /// whose data files the raw scan reads.
 fn cluster_dir() -> Option<PathBuf> {
@@ -287,7 +300,14 @@ async fn the_database_files_and_dumps_hold_no_value_key_or_token() {
         .unwrap();
     assert_eq!(rows.len(), 5, "one wrapped key per subject");
     let passphrase = std::fs::read_to_string(s.keys_dir().join("dev-passphrase")).unwrap();
-    let kr = pdvault::keyring::Keyring::open(&s.keys_dir(), passphrase.trim_end().as_bytes()).unwrap();
+    let mut kr = pdvault::keyring::Keyring::open(&s.keys_dir(), passphrase.trim_end().as_bytes()).unwrap();
+    // The epochs are in the keys database (space 14, `epochs`).
+    let epochs: Vec<u8> = keys_db
+        .query_one("SELECT v FROM pdvault_kv WHERE space = 14 AND k = 'epochs'::bytea", &[])
+        .await
+        .unwrap()
+        .get(0);
+    kr.share_epochs(Box::new(EpochsAsRead(epochs))).unwrap();
     let (mut deks, mut wrapped) = (vec![], vec![]);
     for r in &rows {
         let (k, v): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
@@ -527,49 +547,254 @@ async fn an_old_dump_restored_on_another_node_replays_what_any_node_erased_or_re
     assert!(!b.keys_dir().join("shred.ledger").exists());
 }
 
-#[tokio::test]
-async fn a_rotation_is_refused_while_another_node_serves_and_a_stale_keys_dir_cannot_start() {
-    if skipped("a_rotation_is_refused_while_another_node_serves_and_a_stale_keys_dir_cannot_start") {
+/// A rotation on one node while the other serves: the other reads every
+/// key, old and re-wrapped, and creates under whichever epoch is current,
+/// and not one call fails, though each rotation destroys the epoch before
+/// (`epoch_retention = 0`). Two rotations asked of both nodes at once never
+/// run together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_kek_on_one_node_while_the_other_serves_fails_no_read_or_write() {
+    if skipped("rotate_kek_on_one_node_while_the_other_serves_fails_no_read_or_write") {
+        return;
+    }
+    let a = Server::start_with(None, vec![("PDVAULT_KEYS__EPOCH_RETENTION", "0")]).await;
+    let b = std::sync::Arc::new(second_node(&a).await);
+    let w = a.token("order-service", &["order"], &["read", "write"]).await;
+    let mut ids = vec![];
+    for i in 0..40 {
+        ids.push(a.create(&w, subject(&format!("r{i}"))).await);
+    }
+    // The keys directory kept no epoch: they are in the keys database.
+    let mf: Value = serde_json::from_slice(&std::fs::read(a.keys_dir().join("master.key")).unwrap()).unwrap();
+    assert_eq!(mf["epochs_shared"], true, "{mf}");
+    assert_eq!(mf["epochs"], json!([]), "{mf}");
+
+    // B reads every subject and creates new ones until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (b, w, ids, stop) = (b.clone(), w.clone(), ids.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut reads, mut created, mut failures) = (0u64, vec![], vec![]);
+            let api = b.api_as(&w);
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for id in &ids {
+                    match api.read("order", id, None).await {
+                        Ok(_) => reads += 1,
+                        Err(e) => failures.push(format!("read {id}: {e}")),
+                    }
+                }
+                n += 1;
+                match api.create("order", &subject(&format!("during{n}"))).await {
+                    Ok(c) => created.push(c.id),
+                    Err(e) => failures.push(format!("create: {e}")),
+                }
+            }
+            (reads, created, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for expected in [2, 3] {
+        let r = a.post("/v1/admin/rotate-kek", &a.admin, None, json!({})).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.body["epoch"], expected, "{}", r.text);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (reads, created, failures) = load.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} calls failed on B: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        reads > 80 && !created.is_empty(),
+        "{reads} reads, {} creates",
+        created.len()
+    );
+    // Epochs 1 and 2 are destroyed now: what B created during the
+    // rotations was wrapped under a live epoch (or re-wrapped), on both nodes.
+    let st = a.get("/v1/admin/status", &a.admin, None).await;
+    assert_eq!(st.body["key_epoch"], 3, "{}", st.text);
+    for id in ids.iter().chain(&created) {
+        for node in [&a, &*b] {
+            let r = node.api_as(&w).read("order", id, None).await;
+            assert!(r.is_ok(), "{id} after the rotations: {:?}", r.err());
+        }
+    }
+
+    // Both nodes asked at once: one rotation runs; the other waits its turn
+    // or is refused as under way on the other node, never a second epoch at once.
+    let (ra, rb) = tokio::join!(
+        a.post("/v1/admin/rotate-kek", &a.admin, None, json!({})),
+        b.post("/v1/admin/rotate-kek", &a.admin, None, json!({}))
+    );
+    let mut epochs = vec![];
+    for r in [&ra, &rb] {
+        match r.status.as_u16() {
+            200 => epochs.push(r.body["epoch"].as_u64().unwrap()),
+            400 => assert!(
+                r.body["detail"].as_str().unwrap().contains("under way")
+                    || r.body["detail"].as_str().unwrap().contains("another node"),
+                "{}",
+                r.text
+            ),
+            _ => panic!("{}", r.text),
+        }
+    }
+    epochs.sort();
+    assert!(epochs == [4] || epochs == [4, 5], "{epochs:?}");
+    for id in &ids {
+        b.api_as(&w).read("order", id, None).await.unwrap();
+    }
+}
+
+/// `audit verify` and `audit export` cover every node's chain; an entry of
+/// one node's chain altered or removed in the data database is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_and_export_cover_every_node_and_find_tampering() {
+    if skipped("audit_verify_and_export_cover_every_node_and_find_tampering") {
         return;
     }
     let mut a = Server::start().await;
-    let stale_keys = a.dir.path().join("keys-before-rotation");
-    copy_dir(&a.keys_dir(), &stale_keys);
     let mut b = second_node(&a).await;
     let w = a.token("order-service", &["order"], &["read", "write"]).await;
-    let id = a.create(&w, subject("rot")).await;
-
-    // Two nodes serve: refused, and nothing changed (B still reads).
-    let r = a.post("/v1/admin/rotate-kek", &a.admin, None, json!({})).await;
-    assert_eq!(
-        (r.status.as_u16(), r.body["code"].as_str()),
-        (400, Some("bad_request")),
-        "{}",
-        r.text
-    );
-    assert!(r.body["detail"].as_str().unwrap().contains("other node"), "{}", r.text);
-    b.api_as(&w).read("order", &id, None).await.unwrap();
-
-    // B stopped and its announcement aged out: A rotates alone.
-    b.stop();
-    tokio::time::sleep(pdvault::vault::LIVE_WINDOW + Duration::from_secs(1)).await;
-    let r = a.post("/v1/admin/rotate-kek", &a.admin, None, json!({})).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.body["epoch"], 2);
-
-    // B with its keys directory from before the rotation: refused at start,
-    // naming what to copy; with A's master.key it starts and reads.
-    std::fs::remove_dir_all(b.keys_dir()).unwrap();
-    copy_dir(&stale_keys, &b.keys_dir());
-    let out = b.cmd().args(["serve", "--dev"]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("key epoch 2") && err.contains("master.key"), "{err}");
-    std::fs::copy(a.keys_dir().join("master.key"), b.keys_dir().join("master.key")).unwrap();
-    b.spawn().await;
-    let r = b.api_as(&w).read("order", &id, None).await.unwrap();
-    assert_eq!(r.fields["surname"], "Nurlanova-rot");
+    let id = a.create(&w, subject("au")).await;
+    for _ in 0..3 {
+        a.api_as(&w).read("order", &id, None).await.unwrap();
+        b.api_as(&w).read("order", &id, None).await.unwrap();
+    }
+    let node_b = std::fs::read_to_string(b.data_dir().join("node.id")).unwrap();
+    let node_a = std::fs::read_to_string(a.data_dir().join("node.id")).unwrap();
+    // Stopped: each signs its head at shutdown.
     a.stop();
+    b.stop();
+
+    let export = a.cmd().args(["audit", "export"]).output().unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let entries: Vec<Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let reads_on = |node: &str| {
+        entries
+            .iter()
+            .filter(|e| e["node"] == node && e["action"] == "read" && e["subject"] == id.as_str())
+            .count()
+    };
+    assert_eq!((reads_on(&node_a), reads_on(&node_b)), (3, 3), "{entries:?}");
+    let times: Vec<&str> = entries.iter().map(|e| e["at"].as_str().unwrap()).collect();
+    assert!(
+        times.windows(2).all(|t| t[0] <= t[1]),
+        "export is in time order: {times:?}"
+    );
+
+    let verify = |s: &Server| {
+        let out = s.cmd().args(["audit", "verify"]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = verify(&a);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("{} entries in the chains of 2 node(s)", entries.len())),
+        "{out}"
+    );
+
+    let url = setting(&a, "PDVAULT_STORAGE__URL").to_owned();
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // A's signed checkpoints removed from the data database: its anchor, in
+    // the keys database, is no longer among them. (Put back after.)
+    let cps = db
+        .query(
+            "DELETE FROM pdvault_kv WHERE space = 17 AND substr(k, 1, 36) = convert_to($1, 'UTF8')
+             AND get_byte(k, 36) = 99 RETURNING k, v",
+            &[&node_a],
+        )
+        .await
+        .unwrap();
+    assert!(!cps.is_empty());
+    let (ok, out, err) = verify(&a);
+    assert!(!ok, "removed checkpoints passed: {out}");
+    assert!(err.contains(&node_a) && err.contains("checkpoint"), "{err}");
+    for r in &cps {
+        let (k, v): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
+        db.execute("INSERT INTO pdvault_kv (space, k, v) VALUES (17, $1, $2)", &[&k, &v])
+            .await
+            .unwrap();
+    }
+    assert!(verify(&a).0, "intact again with the checkpoints back");
+
+    // One of B's entries altered (its caller), then removed, in the database.
+    let row = db
+        .query_one(
+            "SELECT k, convert_from(v, 'UTF8') FROM pdvault_kv WHERE space = 17
+             AND substr(k, 1, 36) = convert_to($1, 'UTF8') AND get_byte(k, 36) = 101 ORDER BY k OFFSET 1 LIMIT 1",
+            &[&node_b],
+        )
+        .await
+        .unwrap();
+    let (k, v): (Vec<u8>, String) = (row.get(0), row.get(1));
+    let altered = v.replace("order-service", "someone-else");
+    assert_ne!(altered, v);
+    db.execute(
+        "UPDATE pdvault_kv SET v = convert_to($2, 'UTF8') WHERE space = 17 AND k = $1",
+        &[&k, &altered],
+    )
+    .await
+    .unwrap();
+    let (ok, out, err) = verify(&a);
+    assert!(!ok, "an altered entry passed: {out}");
+    assert!(err.contains(&node_b) && err.contains("altered"), "{err}");
+    db.execute("DELETE FROM pdvault_kv WHERE space = 17 AND k = $1", &[&k])
+        .await
+        .unwrap();
+    let (ok, out, err) = verify(&a);
+    assert!(!ok, "a removed entry passed: {out}");
+    assert!(err.contains(&node_b) && err.contains("removed"), "{err}");
+}
+
+/// A backup made through one node and restored: every node's audit chain
+/// continues from the signed head the backup recorded, and the whole trail
+/// verifies once both nodes have started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_continues_every_nodes_audit_chain() {
+    if skipped("a_restore_continues_every_nodes_audit_chain") {
+        return;
+    }
+    let mut a = Server::start().await;
+    let mut b = second_node(&a).await;
+    let w = a.token("order-service", &["order"], &["read", "write"]).await;
+    let id = a.create(&w, subject("bk")).await;
+    b.api_as(&w).read("order", &id, None).await.unwrap();
+    let node_a = std::fs::read_to_string(a.data_dir().join("node.id")).unwrap();
+    let backup = a.dir.path().join("two-nodes.backup");
+    let out = a.cmd().arg("backup").arg(&backup).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    a.stop();
+    b.stop();
+    a.move_data_away("data-before-restore");
+    let out = a.cmd().arg("restore").arg(&backup).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(a.data_dir().join("node.id")).unwrap(),
+        node_a,
+        "the restored data directory is the node that made the backup"
+    );
+    a.spawn().await;
+    b.spawn().await;
+    a.api_as(&w).read("order", &id, None).await.unwrap();
+    b.api_as(&w).read("order", &id, None).await.unwrap();
+    a.stop();
+    b.stop();
+    let out = a.cmd().args(["audit", "verify"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("in the chains of 2 node(s)"), "{text}");
 }
 
 #[tokio::test]

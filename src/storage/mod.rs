@@ -61,6 +61,10 @@ pub enum Space {
     ShredLedger = 15,
     /// Key store: the revocation ledger, where it is shared (postgres).
     RevocationLedger = 16,
+    /// The audit chains of the nodes sharing a store (postgres): entries,
+    /// checkpoints and restore bases. Not in backups (a restored chain
+    /// continues from its head, as a restored log file does).
+    Audit = 17,
 }
 
 impl Space {
@@ -78,9 +82,10 @@ impl Space {
         Space::SelfCodes,
         Space::Outbox,
         Space::Deliveries,
+        Space::Audit,
     ];
     /// The spaces a backup holds, in stream order: all the data store's
-    /// but the short-lived codes and the outbox.
+    /// but the short-lived codes, the outbox and the audit chains.
     pub const BACKED_UP: &'static [Space] = Space::DATA.split_at(9).0;
     /// The key store's spaces.
     pub const KEYS: &'static [Space] = &[
@@ -110,6 +115,7 @@ impl Space {
             Space::Nodes => "nodes",
             Space::ShredLedger => "shred_ledger",
             Space::RevocationLedger => "revocation_ledger",
+            Space::Audit => "audit",
         }
     }
 

@@ -290,7 +290,6 @@ impl Vault {
     /// pass over the wrapped data keys has come.
     pub async fn rotate_kek_reporting(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<(u32, u64)> {
         let _r = self.rotation.lock().await;
-        self.check_rotation_alone()?;
         let now = now_secs();
         // Writers wrap data keys under the current epoch while holding the
         // gate: let those in flight land before the new epoch becomes current,
@@ -299,13 +298,24 @@ impl Vault {
         let rot = {
             let _g = self.gate.write().await;
             self.keyring
-                .begin_rotation(now)
-                .map_err(|e| VaultError::Internal(e.to_string()))?
+                .begin_rotation(now, self.shared_node_id(), &|id| self.is_serving(id))
+                .map_err(keyring_error)?
         };
-        self.raise_epoch_floor(rot.target)?;
+        // The same for every other node serving the store.
+        self.wait_for_take_up(self.keyring.epochs_serial()).await?;
+        let rewrapped = self.rewrap_to_current(rot.target, progress).await?;
+        self.keyring.finish_rotation(now_secs()).map_err(keyring_error)?;
+        self.destroy_expired_epochs().await?;
+        Ok((rot.target, rewrapped))
+    }
+
+    /// Re-wraps every data key wrapped under an epoch older than `target`
+    /// (the current one); returns how many. A concurrent edit or erasure of
+    /// a key wins over its re-wrap.
+    async fn rewrap_to_current(&self, target: u32, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<u64> {
         let target_kek = self
             .keyring
-            .kek(rot.target)
+            .kek(target)
             .ok_or_else(|| VaultError::internal("target epoch missing"))?;
         let abort_after = crate::faults::rotate_abort_after();
         let (mut rewrapped, mut attempted, mut flushed_at) = (0u64, 0u64, 0u64);
@@ -318,7 +328,7 @@ impl Vault {
                 progress(scanned, total);
             }
             let w: WrappedKey = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt wrapped key"))?;
-            if w.epoch >= rot.target {
+            if w.epoch >= target {
                 continue;
             }
             let Some((id, version)) = crate::storage::parse_dek_key(&k) else {
@@ -336,11 +346,10 @@ impl Vault {
                 continue;
             };
             let nw = WrappedKey {
-                epoch: rot.target,
-                sealed: target_kek.seal(raw.expose(), &dek_aad(id, version, rot.target)),
+                epoch: target,
+                sealed: target_kek.seal(raw.expose(), &dek_aad(id, version, target)),
             };
-            // Compare-and-swap, a batch at a time: a concurrent edit or
-            // erasure wins.
+            // Compare-and-swap, a batch at a time.
             batch.push((k, v, postcard::to_stdvec(&nw).expect("postcard")));
             let abort_now = abort_after.is_some_and(|n| attempted + batch.len() as u64 >= n);
             if batch.len() >= 512 || abort_now {
@@ -360,18 +369,27 @@ impl Vault {
         rewrapped += self.keystore.store.swap(Space::Wrapped, &batch)?;
         progress(scanned, total);
         self.keystore.flusher().sync().await?;
-        self.keyring
-            .finish_rotation(now_secs())
-            .map_err(|e| VaultError::Internal(e.to_string()))?;
-        self.destroy_expired_epochs()?;
-        Ok((rot.target, rewrapped))
+        Ok(rewrapped)
     }
 
-    pub fn destroy_expired_epochs(&self) -> Result<Vec<u32>> {
+    /// Destroys the retired epochs past `keys.epoch_retention`. Where nodes
+    /// share the store, the keys still under those epochs are re-wrapped
+    /// first: a node cut off during a rotation may have wrapped some.
+    pub async fn destroy_expired_epochs(&self) -> Result<Vec<u32>> {
+        let retention = self.cfg.keys.epoch_retention;
+        if self.on_shared_store() && self.keyring.any_expired(now_secs(), retention) {
+            let stragglers = self.rewrap_to_current(self.keyring.current_epoch(), &|_, _| {}).await?;
+            if stragglers > 0 {
+                tracing::warn!(
+                    rewrapped = stragglers,
+                    "data keys were still wrapped under an epoch due for destruction; re-wrapped first"
+                );
+            }
+        }
         let gone = self
             .keyring
-            .destroy_expired(now_secs(), self.cfg.keys.epoch_retention)
-            .map_err(|e| VaultError::Internal(e.to_string()))?;
+            .destroy_expired(now_secs(), retention)
+            .map_err(keyring_error)?;
         if !gone.is_empty() {
             tracing::info!(epochs = ?gone, "destroyed retired key epochs");
         }
@@ -409,8 +427,9 @@ impl Vault {
         let _g = self.gate.write().await;
         let (seq, head) = self.audit.head();
         let created_at = rfc3339(now_secs());
-        let base_signature = crate::audit::sign_base(self.keyring.receipt_key(), seq, &head, &created_at);
-        let header = json!({
+        let key = self.keyring.receipt_key();
+        let base_signature = crate::audit::sign_base(key, seq, &head, &created_at);
+        let mut header = json!({
             "format": 1,
             "created_at": created_at,
             "key_epoch": self.keyring.current_epoch(),
@@ -418,14 +437,27 @@ impl Vault {
             "ledger_head": self.ledger.head()?.0,
             "note": "ciphertexts, blind-index HMACs and token hashes only; data keys stay in the keys directory",
         });
+        if self.on_shared_store() {
+            // Every node's chain continues from its head after a restore.
+            let mut heads = vec![];
+            for (node, h) in crate::audit::chain_heads(&self.store, None)? {
+                let (seq, hash) = if node == self.node_id {
+                    (seq, head.clone())
+                } else {
+                    h.unwrap_or((0, crate::audit::GENESIS.to_string()))
+                };
+                let signature = crate::audit::sign_base(key, seq, &hash, &created_at);
+                heads.push(json!({"node": node, "seq": seq, "hash": hash, "signature": signature}));
+            }
+            header["audit_heads"] = json!(heads);
+            header["node"] = json!(self.node_id);
+        }
         tokio::task::block_in_place(|| self.store.write_backup(out, &header))
     }
 
     /// Signs the audit chain's head (at start, on schedule, at shutdown).
     pub fn audit_checkpoint(&self) -> Result<()> {
-        self.audit
-            .checkpoint(self.keyring.receipt_key(), self.keyring.dir())
-            .map(|_| ())
+        self.audit.checkpoint(self.keyring.receipt_key()).map(|_| ())
     }
 
     /// When the last checkpoint was signed, if ever (the schedule's start).
@@ -472,6 +504,9 @@ impl Vault {
     /// next rotation is due, the audit head and its last signed checkpoint,
     /// and how much it holds. Counting walks the subject and token trees.
     pub fn status(&self) -> Result<Status> {
+        // The epochs as the keys database has them now (another node may
+        // have rotated since this one's last heartbeat).
+        self.keyring.refresh().map_err(keyring_error)?;
         let (seq, hash) = self.audit.head();
         let last_rotation = self.keyring.last_rotation_at();
         let pending = crate::events::depth(&self.store, &self.cfg.events)?;

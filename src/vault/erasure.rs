@@ -279,17 +279,36 @@ fn restore_into(cfg: &Config, keystore: &KeyStore, input: &mut dyn std::io::Read
         ));
     }
     let (header, records) = store.read_backup(input)?;
-    if let (Some(seq), Some(hash)) = (
-        header["audit_head"]["seq"].as_u64(),
-        header["audit_head"]["hash"].as_str(),
-    ) {
-        let base = crate::audit::ChainBase {
-            seq,
-            hash: hash.to_owned(),
+    let base_of = |head: &Value| -> Option<crate::audit::ChainBase> {
+        Some(crate::audit::ChainBase {
+            seq: head["seq"].as_u64()?,
+            hash: head["hash"].as_str()?.to_owned(),
             backup_created_at: header["created_at"].as_str().unwrap_or_default().to_owned(),
-            signature: header["audit_head"]["signature"].as_str().map(str::to_owned),
-        };
-        crate::audit::write_base(dir, &base)?;
+            signature: head["signature"].as_str().map(str::to_owned),
+        })
+    };
+    match header["audit_heads"].as_array() {
+        // A shared store: every node's chain continues from its head.
+        Some(heads) if store.is_shared() => {
+            // This data directory is the node that made the backup (its id),
+            // unless it is a node already: its chain continues too.
+            if let Some(node) = header["node"].as_str().filter(|n| uuid::Uuid::parse_str(n).is_ok()) {
+                let path = dir.join(super::nodes::NODE_ID_FILE);
+                if !path.exists() {
+                    crate::fsutil::write_atomic(&path, node.as_bytes())?;
+                }
+            }
+            for h in heads {
+                if let (Some(node), Some(base)) = (h["node"].as_str(), base_of(h)) {
+                    crate::audit::write_shared_base(&store, node, &base)?;
+                }
+            }
+        }
+        _ => {
+            if let Some(base) = base_of(&header["audit_head"]) {
+                crate::audit::write_base(dir, &base)?;
+            }
+        }
     }
     let (_, entries) = crate::ledger::open(cfg, keystore, LedgerKind::Shred)?;
     store.remove(Space::Meta, "ledger_applied")?;

@@ -133,6 +133,8 @@ pub struct Vault {
     events_wake: tokio::sync::watch::Sender<u64>,
     /// This process, among the nodes of a shared store (`nodes`).
     node_id: String,
+    /// The serial of the key epochs this node last announced (`nodes`).
+    announced_serial: std::sync::atomic::AtomicU64,
 }
 
 fn frame(parts: &[&[u8]]) -> Vec<u8> {
@@ -192,6 +194,7 @@ mod subjects;
 
 pub use admin::cert_matches;
 pub use erasure::{replay_ledger, restore};
+use nodes::keyring_error;
 pub use nodes::{HEARTBEAT, LIVE_WINDOW};
 
 impl Vault {
@@ -202,15 +205,22 @@ impl Vault {
         Self::open_with(cfg, keyring)
     }
 
-    pub fn open_with(cfg: Config, keyring: Keyring) -> anyhow_like::Result<Vault> {
+    pub fn open_with(cfg: Config, mut keyring: Keyring) -> anyhow_like::Result<Vault> {
         let (store, keystore) = crate::storage::open(&cfg).map_err(|e| e.to_string())?;
-        nodes::check_epoch_floor(&keystore, &keyring).map_err(|e| e.to_string())?;
+        match cfg.storage.backend {
+            crate::config::Backend::Postgres => {
+                keyring.share_epochs(Box::new(nodes::EpochsInKeyStore(keystore.clone())))
+            }
+            crate::config::Backend::Sled => keyring.check_epochs_here(),
+        }
+        .map_err(|e| e.to_string())?;
         let (ledger, entries) = crate::ledger::open(&cfg, &keystore, LedgerKind::Shred).map_err(|e| e.to_string())?;
         replay_ledger(&store, &keystore, &entries, &cfg.events).map_err(|e| e.to_string())?;
         let node_id = nodes::node_id(&cfg.data_dir).map_err(|e| e.to_string())?;
         // On a shared store the nodes' chains index apart, by node id.
         let chain = if store.is_shared() { node_id.as_str() } else { "" };
-        let audit = AuditLog::open(&cfg.data_dir, &store, cfg.audit.fsync, chain).map_err(|e| e.to_string())?;
+        let place = crate::audit::Place::with(&cfg, &store, &keystore);
+        let audit = AuditLog::open(&place, &store, cfg.audit.fsync, chain).map_err(|e| e.to_string())?;
         let (revocations, revoked) =
             crate::ledger::open(&cfg, &keystore, LedgerKind::Revocation).map_err(|e| e.to_string())?;
         let tokens = Tokens::new(
@@ -250,6 +260,7 @@ impl Vault {
             metrics: Metrics::default(),
             events_wake: tokio::sync::watch::channel(0).0,
             node_id,
+            announced_serial: Default::default(),
         })
     }
 

@@ -1,16 +1,20 @@
 //! Several nodes on one shared store (the postgres backend): who else is
-//! serving, and the key-epoch floor.
+//! serving, which key epochs each has taken up, and the record of the
+//! epochs in the keys database.
 //!
-//! Key epochs still live in each node's copy of `keys/master.key`, so a
-//! rotation on one node would leave every other node unable to open the keys
-//! it re-wrapped. Until epochs move into the keys database, two rules keep
-//! every read working:
-//! - a rotation (asked for or scheduled) is refused while another node has
-//!   announced itself within `LIVE_WINDOW`; each node announces itself every
-//!   `HEARTBEAT` in the key store;
-//! - a rotation first raises the epoch floor in the key store, and a node
-//!   whose keys directory is older than the floor refuses to start, naming
-//!   the file to copy.
+//! The epochs live in the keys database ([`EpochsInKeyStore`]), so a key
+//! that another node re-wrapped opens here too (the keyring reloads an epoch
+//! it does not know). What must not happen is a node wrapping a new data key
+//! under an epoch that a rotation elsewhere has already passed over, since
+//! that epoch is destroyed later. Hence:
+//! - each node announces itself every `HEARTBEAT` with the serial of the
+//!   epochs it wraps under; it takes up a newer record only after the writes
+//!   it has in flight under the old one have landed (the write gate);
+//! - a rotation makes its new epoch current, then waits until every node
+//!   that announced itself within `LIVE_WINDOW` has taken it up, and only
+//!   then re-wraps (`Vault::rotate_kek`);
+//! - before a retired epoch is destroyed, the keys still under it are
+//!   re-wrapped (a node that was cut off and came back may have left some).
 //!
 //! A node is its data directory: its id is kept in `<data dir>/node.id`, so a
 //! node restarted after a crash is the same node, not a second one.
@@ -22,10 +26,12 @@ use std::time::Duration;
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How recent an announcement must be for its node to count as serving.
 pub const LIVE_WINDOW: Duration = Duration::from_secs(15);
+/// How long a rotation waits for the serving nodes to take up its epoch.
+const TAKE_UP_WAIT: Duration = Duration::from_secs(60);
 
-const FLOOR: &str = "epoch_floor";
+const EPOCHS: &str = "epochs";
 const NODE_PREFIX: &[u8] = b"node/";
-const NODE_ID_FILE: &str = "node.id";
+pub(super) const NODE_ID_FILE: &str = "node.id";
 
 /// This node's id: read from its data directory, made there at the first
 /// start.
@@ -44,75 +50,142 @@ pub(super) fn node_id(data_dir: &std::path::Path) -> Result<String> {
     }
 }
 
+/// A keyring failure as the caller sees it: a rotation that another node
+/// runs, or that lost a race, is refused; the rest is internal.
+pub(super) fn keyring_error(e: crate::keyring::KeyringError) -> VaultError {
+    use crate::keyring::KeyringError::*;
+    match e {
+        RotationElsewhere { .. } | Raced => VaultError::BadRequest(e.to_string()),
+        e => VaultError::Internal(e.to_string()),
+    }
+}
+
+/// The keyring's epochs as one record of the key store, replaced by
+/// compare-and-swap.
+pub(super) struct EpochsInKeyStore(pub KeyStore);
+
+impl crate::keyring::SharedEpochs for EpochsInKeyStore {
+    fn load(&self) -> std::result::Result<Option<Vec<u8>>, String> {
+        self.0.store.get(Space::Nodes, EPOCHS).map_err(|e| e.to_string())
+    }
+
+    fn replace(&self, expected: Option<&[u8]>, new: &[u8]) -> std::result::Result<bool, String> {
+        let mut c = Commit::default();
+        c.expect(Space::Nodes, EPOCHS, expected);
+        c.insert(Space::Nodes, EPOCHS, new);
+        match self.0.store.commit_blocking(&c) {
+            Ok(()) => Ok(true),
+            Err(VaultError::VersionConflict { .. }) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// A node's announcement: when, and the serial of the epochs it wraps under.
+fn announcement(at: u64, serial: u64) -> Vec<u8> {
+    [at.to_be_bytes(), serial.to_be_bytes()].concat()
+}
+
+fn read_announcement(v: &[u8]) -> (u64, u64) {
+    let at = crate::storage::read_u64(v.get(..8).unwrap_or_default());
+    let serial = crate::storage::read_u64(v.get(8..16).unwrap_or_default());
+    (at, serial)
+}
+
 impl Vault {
     /// Whether other nodes may share this vault's store.
     pub fn on_shared_store(&self) -> bool {
         self.cfg.storage.backend == crate::config::Backend::Postgres
     }
 
-    /// Records that this node serves, now.
+    fn node_key(&self) -> Vec<u8> {
+        [NODE_PREFIX, self.node_id.as_bytes()].concat()
+    }
+
+    /// Records that this node serves, now, wrapping under the epochs it has.
     pub fn announce(&self) -> Result<()> {
-        let mut k = NODE_PREFIX.to_vec();
-        k.extend_from_slice(self.node_id.as_bytes());
-        self.keystore.store.insert(Space::Nodes, k, now_secs().to_be_bytes())
+        let serial = self.keyring.epochs_serial();
+        self.keystore
+            .store
+            .insert(Space::Nodes, self.node_key(), announcement(now_secs(), serial))?;
+        self.announced_serial.store(serial, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Withdraws this node's announcement (a clean stop).
     pub fn leave(&self) -> Result<()> {
-        let mut k = NODE_PREFIX.to_vec();
-        k.extend_from_slice(self.node_id.as_bytes());
-        self.keystore.store.remove(Space::Nodes, k)
+        self.keystore.store.remove(Space::Nodes, self.node_key())
     }
 
-    /// Nodes other than this one that announced themselves recently.
-    pub fn other_live_nodes(&self) -> Result<usize> {
+    /// The heartbeat: takes up the epochs as the keys database has them, and
+    /// announces this node. A newer record is announced only once the writes
+    /// in flight under the older one have landed, so that a rotation that
+    /// sees the announcement knows no key is still being wrapped under an
+    /// epoch it passed over.
+    pub async fn heartbeat(&self) -> Result<()> {
+        self.keyring.refresh().map_err(keyring_error)?;
+        // (A read may have taken up a newer record already, between beats.)
+        if self.keyring.epochs_serial() != self.announced_serial.load(std::sync::atomic::Ordering::SeqCst) {
+            drop(self.gate.write().await);
+        }
+        self.announce()
+    }
+
+    /// Other nodes that announced themselves recently: id and the serial of
+    /// the epochs they wrap under.
+    fn other_live_nodes(&self) -> Result<Vec<(String, u64)>> {
         let since = now_secs().saturating_sub(LIVE_WINDOW.as_secs());
-        let mut n = 0;
+        let mut out = vec![];
         for kv in self.keystore.store.scan(Space::Nodes, NODE_PREFIX) {
             let (k, v) = kv?;
-            if &k[NODE_PREFIX.len()..] != self.node_id.as_bytes() && crate::storage::read_u64(&v) >= since {
-                n += 1;
+            let id = String::from_utf8_lossy(&k[NODE_PREFIX.len()..]).into_owned();
+            let (at, serial) = read_announcement(&v);
+            if id != self.node_id && at >= since {
+                out.push((id, serial));
             }
         }
-        Ok(n)
+        Ok(out)
     }
 
-    /// Refuses a rotation while other nodes serve the same store.
-    pub(super) fn check_rotation_alone(&self) -> Result<()> {
+    /// Whether the node `id` announced itself recently (it may be running a
+    /// rotation of its own).
+    pub(super) fn is_serving(&self, id: &str) -> bool {
+        id == self.node_id
+            || self
+                .other_live_nodes()
+                .is_ok_and(|nodes| nodes.iter().any(|(n, _)| n == id))
+    }
+
+    /// This node's id where the store is shared (rotations name their node).
+    pub(super) fn shared_node_id(&self) -> Option<&str> {
+        self.on_shared_store().then_some(self.node_id.as_str())
+    }
+
+    /// After a rotation made its epoch current: waits until every serving
+    /// node has taken up the epochs of `serial` or newer.
+    pub(super) async fn wait_for_take_up(&self, serial: u64) -> Result<()> {
         if !self.on_shared_store() {
             return Ok(());
         }
-        match self.other_live_nodes()? {
-            0 => Ok(()),
-            n => Err(VaultError::BadRequest(format!(
-                "key rotation is refused while {n} other node(s) serve this database: key epochs are kept in each node's keys directory, so stop the other nodes, rotate, then copy keys/master.key to them"
-            ))),
+        let deadline = std::time::Instant::now() + TAKE_UP_WAIT;
+        loop {
+            let behind: Vec<String> = self
+                .other_live_nodes()?
+                .into_iter()
+                .filter(|(_, s)| *s < serial)
+                .map(|(id, _)| id)
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(VaultError::Internal(format!(
+                    "node(s) {} serve but have not taken up the new key epoch within {} s; the rotation resumes at the next attempt",
+                    behind.join(", "),
+                    TAKE_UP_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-
-    /// Before any key is wrapped under `epoch`: no node with an older keys
-    /// directory may start from now on.
-    pub(super) fn raise_epoch_floor(&self, epoch: u32) -> Result<()> {
-        if !self.on_shared_store() {
-            return Ok(());
-        }
-        let mut c = Commit::default();
-        c.insert(Space::Nodes, FLOOR, u64::from(epoch).to_be_bytes());
-        self.keystore.store.commit_blocking(&c)
-    }
-}
-
-/// At open: refuses a keys directory older than the store's epoch floor.
-pub(super) fn check_epoch_floor(keystore: &KeyStore, keyring: &Keyring) -> Result<()> {
-    let floor = keystore
-        .store
-        .get(Space::Nodes, FLOOR)?
-        .map_or(0, |b| crate::storage::read_u64(&b));
-    if floor > u64::from(keyring.current_epoch()) {
-        return Err(VaultError::Internal(format!(
-            "the keys database is at key epoch {floor}, this keys directory at {}: copy keys/master.key from the node that rotated",
-            keyring.current_epoch()
-        )));
-    }
-    Ok(())
 }

@@ -372,6 +372,75 @@ pub fn sled_only(test: &str) -> bool {
     on_postgres()
 }
 
+/// For a test that reads or alters the audit log's files (`audit/audit.log`,
+/// `checkpoints.jsonl`, `base.json`, `keys/audit.anchor`): true (and says
+/// so) on the postgres backend, where the chains are rows of the data
+/// database and `tests/postgres.rs` alters those instead.
+pub fn audit_files_only(test: &str) -> bool {
+    if on_postgres() {
+        eprintln!("{test}: alters the audit log's files; on the postgres backend see tests/postgres.rs");
+    }
+    on_postgres()
+}
+
+impl Server {
+    /// Every audit entry of this server's store, in order, as its operator
+    /// sees them: `audit/audit.log` read directly on sled (also while the
+    /// server runs), `pdvault audit export` on postgres (every node's chain).
+    pub fn audit_entries(&self) -> Vec<Value> {
+        let text = if on_postgres() {
+            let out = self
+                .cmd()
+                .args(["audit", "export"])
+                .output()
+                .expect("run pdvault audit export");
+            assert!(
+                out.status.success(),
+                "audit export: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).expect("utf-8")
+        } else {
+            std::fs::read_to_string(self.data_dir().join("audit").join("audit.log")).unwrap_or_default()
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+impl Server {
+    /// This server's signed audit checkpoints, oldest first:
+    /// `audit/checkpoints.jsonl` on sled, its chain's checkpoint rows in the
+    /// data database on postgres (space 17, keys `<node id>c<seq>`).
+    pub async fn audit_checkpoints(&self) -> Vec<Value> {
+        let Some((_, url)) = self.env.iter().find(|(k, _)| k == "PDVAULT_STORAGE__URL") else {
+            return std::fs::read_to_string(self.data_dir().join("audit/checkpoints.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+        };
+        let node = std::fs::read_to_string(self.data_dir().join("node.id")).unwrap_or_default();
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let rows = client
+            .query(
+                "SELECT v FROM pdvault_kv WHERE space = 17 AND substr(k, 1, 36) = convert_to($1, 'UTF8')
+                 AND get_byte(k, 36) = 99 ORDER BY k",
+                &[&node.trim()],
+            )
+            .await
+            .unwrap();
+        drop(client);
+        let _ = conn.await;
+        rows.iter()
+            .map(|r| serde_json::from_slice(r.get::<_, &[u8]>(0)).unwrap())
+            .collect()
+    }
+}
+
 /// Runs one SQL statement on the cluster's `postgres` database.
 pub fn psql(base: &str, sql: &str) {
     let bin = std::fs::read_dir("/usr/lib/postgresql")

@@ -1,0 +1,247 @@
+//! The audit trail of a node with a store of its own (sled): one chain in
+//! `<data dir>/audit/audit.log` (JSON lines), its signed checkpoints in
+//! `checkpoints.jsonl`, the base a restored log continues from in
+//! `base.json`, and the last checkpoint (the anchor) in the keys directory.
+//!
+//! Appends are written under a lock and made durable by a shared
+//! `fdatasync` (group commit); the access-log index is updated after.
+
+use super::*;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+
+pub const CHECKPOINT_FILE: &str = "checkpoints.jsonl";
+/// The last checkpoint, kept in the keys directory.
+pub const ANCHOR_FILE: &str = "audit.anchor";
+pub const BASE_FILE: &str = "base.json";
+
+pub fn log_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("audit").join("audit.log")
+}
+
+struct Writer {
+    file: File,
+    seq: u64,
+    head: String,
+    /// Length of the file up to the last whole entry written.
+    len: u64,
+    /// A write failed and its partial bytes may still be in the file.
+    torn: bool,
+}
+
+pub(super) struct FileLog {
+    dir: PathBuf,
+    keys_dir: PathBuf,
+    writer: Mutex<Writer>,
+    flusher: Flusher,
+    store: Store,
+}
+
+impl FileLog {
+    /// Opens the log, dropping a torn last line (never acknowledged), and
+    /// brings the access-log index up to date.
+    pub(super) fn open(data_dir: &Path, keys_dir: &Path, store: &Store) -> Result<FileLog> {
+        let dir = data_dir.join("audit");
+        crate::fsutil::create_private_dir(&dir)?;
+        let path = dir.join("audit.log");
+        let mut file = crate::fsutil::open_append_private(&path)?;
+        // A restored data directory continues the chain of the backup's log.
+        let (mut seq, mut head) = read_base(&dir)
+            .map(|b| (b.seq, b.hash))
+            .unwrap_or((0, GENESIS.to_string()));
+        let mut good_len = 0u64;
+        let indexed = store
+            .get(Space::Meta, INDEXED)?
+            .map(|b| crate::storage::read_u64(&b))
+            .unwrap_or(0);
+        {
+            let mut r = BufReader::new(File::open(&path)?);
+            let mut line = String::new();
+            let mut off = 0u64;
+            loop {
+                line.clear();
+                let n = r.read_line(&mut line)?;
+                if n == 0 || !line.ends_with('\n') {
+                    break;
+                }
+                let e: AuditEntry = serde_json::from_str(line.trim_end())
+                    .map_err(|_| VaultError::Internal(format!("audit log corrupt after seq {seq}")))?;
+                if e.seq > indexed {
+                    if let Some((k, v)) = access_record(&e, b"") {
+                        store.insert(Space::Access, k, v)?;
+                    }
+                }
+                off += n as u64;
+                good_len = off;
+                seq = e.seq;
+                head = e.hash;
+            }
+        }
+        if file.metadata()?.len() != good_len {
+            file.set_len(good_len)?;
+            file.sync_all()?;
+        }
+        file.seek(SeekFrom::End(0))?;
+        store.insert(Space::Meta, INDEXED, seq.to_be_bytes())?;
+        let sync_file = file.try_clone()?;
+        Ok(FileLog {
+            dir,
+            keys_dir: keys_dir.to_owned(),
+            writer: Mutex::new(Writer {
+                file,
+                seq,
+                head,
+                len: good_len,
+                torn: false,
+            }),
+            flusher: Flusher::spawn("audit", move || {
+                crate::faults::hold("PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE");
+                sync_file.sync_data()
+            }),
+            store: store.clone(),
+        })
+    }
+
+    /// Writes the entries (not yet durable). A failed write (a full disk) is
+    /// cut off the file again, and the log takes appends as soon as space is
+    /// back.
+    pub(super) fn write(&self, drafts: Vec<Draft>) -> Result<Vec<AuditEntry>> {
+        let at = crate::fsutil::rfc3339_millis(crate::fsutil::now_millis());
+        let mut w = self.writer.lock().expect("audit lock");
+        let mut buf = Vec::with_capacity(drafts.len() * 256);
+        let mut entries = Vec::with_capacity(drafts.len());
+        let (mut seq, mut head) = (w.seq, w.head.clone());
+        for d in drafts {
+            seq += 1;
+            let e = AuditEntry::chained(seq, &at, d, &head, None);
+            head.clone_from(&e.hash);
+            serde_json::to_writer(&mut buf, &e).expect("json");
+            buf.push(b'\n');
+            entries.push(e);
+        }
+        if w.torn {
+            // The probe: cut the partial bytes of the failed write.
+            let len = w.len;
+            if w.file.set_len(len).is_err() {
+                return Err(VaultError::AuditUnavailable);
+            }
+            w.torn = false;
+        }
+        if crate::faults::enospc().and_then(|_| w.file.write_all(&buf)).is_err() {
+            w.torn = true;
+            let len = w.len;
+            if w.file.set_len(len).is_ok() {
+                w.torn = false;
+            }
+            return Err(VaultError::AuditUnavailable);
+        }
+        w.seq = seq;
+        w.head = head;
+        w.len += buf.len() as u64;
+        Ok(entries)
+    }
+
+    /// Returns once everything written before is on disk.
+    pub(super) async fn sync(&self) -> Result<()> {
+        self.flusher.sync().await
+    }
+
+    /// After the entries are durable: their access-log records (derived
+    /// data, rebuilt from the log at the next start if lost).
+    pub(super) fn index(&self, entries: &[AuditEntry]) {
+        for e in entries {
+            if let Some((k, v)) = access_record(e, b"") {
+                let _ = self.store.insert(Space::Access, k, v);
+            }
+        }
+    }
+
+    pub(super) fn head(&self) -> (u64, String) {
+        let w = self.writer.lock().expect("audit lock");
+        (w.seq, w.head.clone())
+    }
+
+    pub(super) fn last_checkpoint(&self) -> Option<Checkpoint> {
+        read_checkpoints(&self.dir.join(CHECKPOINT_FILE)).ok()?.pop()
+    }
+
+    /// Appends a checkpoint to `checkpoints.jsonl` and records it as the
+    /// anchor in the keys directory.
+    pub(super) fn write_checkpoint(&self, cp: &Checkpoint) -> Result<()> {
+        let mut f = crate::fsutil::open_append_private(&self.dir.join(CHECKPOINT_FILE))?;
+        let mut line = serde_json::to_vec(cp).expect("json");
+        line.push(b'\n');
+        f.write_all(&line)?;
+        f.sync_data()?;
+        crate::fsutil::write_atomic(
+            &self.keys_dir.join(ANCHOR_FILE),
+            &serde_json::to_vec_pretty(cp).expect("json"),
+        )?;
+        Ok(())
+    }
+}
+
+/// How far the access index has been brought up to date with the log.
+const INDEXED: &str = "audit_indexed";
+
+pub(super) fn read_base(audit_dir: &Path) -> Option<ChainBase> {
+    serde_json::from_slice(&std::fs::read(audit_dir.join(BASE_FILE)).ok()?).ok()
+}
+
+/// `restore`: the new log continues the backup's chain (no seq reused, so the
+/// restored access-log index stays consistent).
+pub fn write_base(data_dir: &Path, base: &ChainBase) -> Result<()> {
+    let dir = data_dir.join("audit");
+    crate::fsutil::create_private_dir(&dir)?;
+    crate::fsutil::write_atomic(&dir.join(BASE_FILE), &serde_json::to_vec_pretty(base).expect("json"))?;
+    Ok(())
+}
+
+pub(super) fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>> {
+    let Ok(f) = File::open(path) else { return Ok(vec![]) };
+    let mut out = vec![];
+    for line in BufReader::new(f).lines() {
+        let line = line?;
+        if let Ok(c) = serde_json::from_str(&line) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the anchor (the last checkpoint) from the keys directory.
+pub fn read_anchor(keys_dir: &Path) -> Option<Checkpoint> {
+    serde_json::from_slice(&std::fs::read(keys_dir.join(ANCHOR_FILE)).ok()?).ok()
+}
+
+/// The log's lines, each with its newline (a last line without one is torn).
+pub(super) fn lines(data_dir: &Path) -> Result<Lines<'static>> {
+    let path = log_path(data_dir);
+    let f = File::open(&path).map_err(|e| VaultError::Internal(format!("{}: {e}", path.display())))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    Ok(Box::new(std::iter::from_fn(move || {
+        let mut buf = Vec::new();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) => None,
+            Ok(_) => Some(Ok(buf)),
+            Err(e) => Some(Err(e.into())),
+        }
+    })))
+}
+
+/// This node's chain, as `verify` reads it.
+pub(super) fn chain(data_dir: &Path, keys_dir: &Path) -> Result<Chain<'static>> {
+    let dir = data_dir.join("audit");
+    Ok(Chain {
+        node: None,
+        lines: lines(data_dir)?,
+        base: read_base(&dir),
+        checkpoints: read_checkpoints(&dir.join(CHECKPOINT_FILE))?,
+        anchor: read_anchor(keys_dir),
+        names: Names {
+            base: "audit/base.json",
+            checkpoints: "audit/checkpoints.jsonl",
+            anchor: "the keys directory",
+        },
+    })
+}

@@ -1,0 +1,514 @@
+//! The audit log: every decision, allowed or refused, durable before the
+//! response leaves, hash-chained so that a changed, removed or reordered entry
+//! is found by `pdvault audit verify`.
+//!
+//! Owns the entries and their chain, the signed checkpoints of a chain's
+//! head, and the per-subject access-log index in the data store. Where the
+//! chain is kept is a [`Place`]: the node's data directory (`file`, the sled
+//! backend) or the shared data database, one chain per node (`shared`, the
+//! postgres backend); `read` verifies and queries either. Entries name who,
+//! which fields, which purpose, when and the outcome; never a value, never a
+//! token.
+
+use crate::error::{Result, VaultError};
+use crate::storage::{Commit, Flusher, KeyStore, Space, Store};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+mod file;
+mod read;
+mod shared;
+
+pub use file::{log_path, read_anchor, write_base, ANCHOR_FILE, BASE_FILE, CHECKPOINT_FILE};
+pub use read::{export, impact, verify, ExportFilter, Impact, SubjectImpact, Verdict};
+use read::{Chain, Lines, Names};
+pub use shared::heads as chain_heads;
+pub use shared::write_base as write_shared_base;
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit record as written (API.md's keys, plus the chain).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at: String,
+    pub request_id: String,
+    pub caller: Option<String>,
+    pub token_id: Option<String>,
+    pub purpose: Option<String>,
+    pub action: String,
+    pub subject: Option<String>,
+    pub fields: Vec<String>,
+    pub outcome: String,
+    pub code: Option<String>,
+    pub justification: Option<String>,
+    /// The token issued, revoked or granted, for those actions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_token_id: Option<String>,
+    /// The node whose chain holds the entry, where several nodes share the
+    /// store (each has a chain, numbered on its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub prev: String,
+    pub hash: String,
+}
+
+impl AuditEntry {
+    /// The entry `seq` of a chain, made of `d`, following `prev`.
+    fn chained(seq: u64, at: &str, d: Draft, prev: &str, node: Option<&str>) -> AuditEntry {
+        let mut e = AuditEntry {
+            seq,
+            at: at.to_owned(),
+            request_id: d.request_id,
+            caller: d.caller,
+            token_id: d.token_id,
+            purpose: d.purpose,
+            action: d.action,
+            subject: d.subject,
+            fields: d.fields,
+            outcome: if d.code.is_none() { "allowed" } else { "refused" }.into(),
+            code: d.code,
+            justification: d.justification,
+            target_token_id: d.target_token_id,
+            node: node.map(str::to_owned),
+            prev: prev.to_owned(),
+            hash: String::new(),
+        };
+        e.hash = entry_hash(prev, &e);
+        e
+    }
+}
+
+/// What a caller hands in; the log assigns `seq`, `at` and the chain.
+#[derive(Debug, Clone, Default)]
+pub struct Draft {
+    pub request_id: String,
+    pub caller: Option<String>,
+    pub token_id: Option<String>,
+    pub purpose: Option<String>,
+    pub action: String,
+    pub subject: Option<String>,
+    pub fields: Vec<String>,
+    /// `None` for allowed; the refusal code otherwise.
+    pub code: Option<String>,
+    pub justification: Option<String>,
+    pub target_token_id: Option<String>,
+}
+
+impl Draft {
+    pub fn allowed(&self) -> bool {
+        self.code.is_none()
+    }
+}
+
+fn entry_hash(prev: &str, e: &AuditEntry) -> String {
+    let body = serde_json::to_vec(&(
+        e.seq,
+        &e.at,
+        &e.request_id,
+        &e.caller,
+        &e.token_id,
+        &e.purpose,
+        &e.action,
+        &e.subject,
+        &e.fields,
+        &e.outcome,
+        &e.code,
+        &e.justification,
+    ))
+    .expect("json");
+    let mut input = Vec::with_capacity(prev.len() + 1 + body.len());
+    input.extend_from_slice(prev.as_bytes());
+    input.push(b'\n');
+    input.extend_from_slice(&body);
+    // Added later: hashed only where present, so older entries still verify.
+    if let Some(t) = &e.target_token_id {
+        input.extend_from_slice(b"\ntarget_token_id\n");
+        input.extend_from_slice(t.as_bytes());
+    }
+    if let Some(n) = &e.node {
+        input.extend_from_slice(b"\nnode\n");
+        input.extend_from_slice(n.as_bytes());
+    }
+    hex::encode(crate::crypto::sha256(&input))
+}
+
+/// Actions whose allowed entries are releases of subject data.
+pub fn is_release(action: &str) -> bool {
+    matches!(action, "read" | "batch_get" | "lookup")
+}
+
+/// Where a node keeps its audit chain, and where the readers find every
+/// chain. Cloning shares the stores.
+#[derive(Clone)]
+pub enum Place {
+    /// The node's data directory and, for the anchor, its keys directory (sled).
+    Files { data_dir: PathBuf, keys_dir: PathBuf },
+    /// The shared data database, one chain per node, and the keys database
+    /// for the anchors (postgres).
+    Shared { store: Store, keys: KeyStore },
+}
+
+impl Place {
+    /// Where the configured backend keeps the audit trail, for a vault that
+    /// has its stores open.
+    pub fn with(cfg: &crate::config::Config, store: &Store, keys: &KeyStore) -> Place {
+        match cfg.storage.backend {
+            crate::config::Backend::Sled => Place::Files {
+                data_dir: cfg.data_dir.clone(),
+                keys_dir: cfg.keys.dir.clone(),
+            },
+            crate::config::Backend::Postgres => Place::Shared {
+                store: store.clone(),
+                keys: keys.clone(),
+            },
+        }
+    }
+
+    /// The same for the operator's commands, which read while a server may
+    /// run: the files as they are (sled's store stays the server's), or the
+    /// databases.
+    pub fn of(cfg: &crate::config::Config) -> Result<Place> {
+        match cfg.storage.backend {
+            crate::config::Backend::Sled => Ok(Place::Files {
+                data_dir: cfg.data_dir.clone(),
+                keys_dir: cfg.keys.dir.clone(),
+            }),
+            crate::config::Backend::Postgres => Ok(Place::Shared {
+                store: Store::open_with(cfg)?,
+                keys: KeyStore::open_with(cfg)?,
+            }),
+        }
+    }
+}
+
+enum Medium {
+    File(file::FileLog),
+    Shared(shared::SharedLog),
+}
+
+pub struct AuditLog {
+    medium: Medium,
+    /// `audit.fsync`: when false (benchmarks only) file appends are written
+    /// but not flushed. (A database commit is always durable.)
+    fsync: bool,
+    poisoned: AtomicBool,
+    fault_file: Option<PathBuf>,
+}
+
+impl AuditLog {
+    /// Opens this node's chain where `place` keeps it. `chain` names it
+    /// among the nodes of a shared store (its node id; unused for files).
+    /// `store` is the data store (the access-log index).
+    pub fn open(place: &Place, store: &Store, fsync: bool, chain: &str) -> Result<AuditLog> {
+        if !fsync {
+            tracing::warn!(
+                "audit.fsync = false: benchmark-only: audit entries are not durable (a crash can lose acknowledged entries)"
+            );
+        }
+        let medium = match place {
+            Place::Files { data_dir, keys_dir } => Medium::File(file::FileLog::open(data_dir, keys_dir, store)?),
+            Place::Shared { store, keys } => Medium::Shared(shared::SharedLog::open(store, keys, chain)?),
+        };
+        Ok(AuditLog {
+            medium,
+            fsync,
+            poisoned: AtomicBool::new(false),
+            fault_file: crate::faults::armed_path("PDVAULT_FAULT_AUDIT_FILE"),
+        })
+    }
+
+    /// The chain `chain` in a shared store.
+    pub fn open_shared(store: &Store, keys: &KeyStore, chain: &str) -> Result<AuditLog> {
+        let place = Place::Shared {
+            store: store.clone(),
+            keys: keys.clone(),
+        };
+        Self::open(&place, store, true, chain)
+    }
+
+    /// Appends entries and returns once they are durable. Any failure fails
+    /// closed: the caller must release nothing (`503 audit_unavailable`).
+    /// After a failed fsync the log refuses every later append (what the
+    /// kernel dropped cannot be known).
+    pub async fn append(&self, drafts: Vec<Draft>) -> Result<Vec<AuditEntry>> {
+        if self.poisoned.load(Ordering::SeqCst) || self.fault_file.as_ref().is_some_and(|f| f.exists()) {
+            return Err(VaultError::AuditUnavailable);
+        }
+        match &self.medium {
+            Medium::Shared(log) => log.append(drafts).await,
+            Medium::File(log) => {
+                let entries = log.write(drafts)?;
+                if self.fsync && log.sync().await.is_err() {
+                    self.poisoned.store(true, Ordering::SeqCst);
+                    return Err(VaultError::AuditUnavailable);
+                }
+                log.index(&entries);
+                Ok(entries)
+            }
+        }
+    }
+
+    /// The head of this node's chain: (last seq, its hash).
+    pub fn head(&self) -> (u64, String) {
+        match &self.medium {
+            Medium::File(log) => log.head(),
+            Medium::Shared(log) => log.head(),
+        }
+    }
+
+    /// The newest signed checkpoint of this node's chain, if any.
+    pub fn last_checkpoint(&self) -> Option<Checkpoint> {
+        match &self.medium {
+            Medium::File(log) => log.last_checkpoint(),
+            Medium::Shared(log) => log.last_checkpoint(),
+        }
+    }
+
+    /// When the last checkpoint was signed (Unix seconds), if any.
+    pub fn last_checkpoint_at(&self) -> Option<u64> {
+        self.last_checkpoint().and_then(|c| crate::fsutil::parse_rfc3339(&c.at))
+    }
+
+    /// Signs the current head, chained to the checkpoint before it, stores
+    /// it beside the chain and records it as the anchor with the keys, out of
+    /// reach of whoever can write the data. Writes nothing when the last
+    /// checkpoint already covers the head.
+    pub fn checkpoint(&self, key: &crate::crypto::ReceiptKey) -> Result<Option<Checkpoint>> {
+        let (seq, head) = self.head();
+        let last = self.last_checkpoint();
+        if last.as_ref().is_some_and(|l| l.seq == seq && l.head == head) {
+            return Ok(None);
+        }
+        let at = crate::fsutil::rfc3339(crate::fsutil::now_secs());
+        let prev = last.as_ref().map(Checkpoint::id);
+        let msg = checkpoint_message(seq, &head, &at, prev.as_deref());
+        let cp = Checkpoint {
+            seq,
+            head,
+            at,
+            prev,
+            signature: b64(&key.sign(&msg)),
+        };
+        match &self.medium {
+            Medium::File(log) => log.write_checkpoint(&cp)?,
+            Medium::Shared(log) => log.write_checkpoint(&cp)?,
+        }
+        Ok(Some(cp))
+    }
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A release's key in the access index: subject, audit sequence number, and
+/// the chain (node) it is numbered in, where several share the store.
+fn access_key(subject: &str, seq: u64, chain: &[u8]) -> Vec<u8> {
+    let mut k = subject.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(chain);
+    k
+}
+
+/// A place in a subject's access log (`next`, given back as `after`): the
+/// sequence number of the last entry seen, and its chain on a shared store
+/// (`<seq>` or `<seq>.<chain>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessCursor {
+    seq: u64,
+    chain: Vec<u8>,
+}
+
+impl std::str::FromStr for AccessCursor {
+    type Err = VaultError;
+    fn from_str(s: &str) -> Result<AccessCursor> {
+        let bad = || VaultError::BadRequest("after must be a cursor from next".into());
+        let (seq, chain) = match s.split_once('.') {
+            Some((_, "")) => return Err(bad()),
+            Some(parts) => parts,
+            None => (s, ""),
+        };
+        let chain_ok = chain.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'-'));
+        let digits = !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit());
+        match seq.parse::<u64>() {
+            Ok(seq) if digits && chain_ok && chain.len() <= 64 => Ok(AccessCursor {
+                seq,
+                chain: chain.as_bytes().to_vec(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for AccessCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(&self.chain) {
+            Ok("") | Err(_) => write!(f, "{}", self.seq),
+            Ok(c) => write!(f, "{}.{c}", self.seq),
+        }
+    }
+}
+
+/// One release in the access-log index (compact: this is on the read path).
+#[derive(Serialize, Deserialize)]
+struct AccessRecord<'a> {
+    at: &'a str,
+    caller: Option<&'a str>,
+    purpose: Option<&'a str>,
+    action: &'a str,
+    fields: Vec<&'a str>,
+    request_id: &'a str,
+}
+
+/// The access-log record of an entry, if it is a release of subject data:
+/// its key (`chain` names the node's chain on a shared store, else empty)
+/// and value.
+fn access_record(e: &AuditEntry, chain: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    if e.outcome != "allowed" || !is_release(&e.action) {
+        return None;
+    }
+    let s = e.subject.as_ref()?;
+    let r = AccessRecord {
+        at: &e.at,
+        caller: e.caller.as_deref(),
+        purpose: e.purpose.as_deref(),
+        action: &e.action,
+        fields: e.fields.iter().map(String::as_str).collect(),
+        request_id: &e.request_id,
+    };
+    Some((access_key(s, e.seq, chain), postcard::to_stdvec(&r).expect("postcard")))
+}
+
+/// A page of a subject's access log: entries after `after`, at most `limit`,
+/// and where the next page starts if there is one.
+pub fn access_page(
+    store: &Store,
+    subject: &str,
+    after: &AccessCursor,
+    limit: usize,
+) -> Result<(Vec<serde_json::Value>, Option<AccessCursor>)> {
+    // The first key after the cursor's own.
+    let mut start = access_key(subject, after.seq, &after.chain);
+    start.push(0);
+    let mut prefix = subject.as_bytes().to_vec();
+    prefix.push(0);
+    let mut out = Vec::new();
+    let mut last = None;
+    for kv in store.scan_from(Space::Access, &prefix, &start) {
+        let (k, v) = kv?;
+        if out.len() == limit {
+            return Ok((out, last));
+        }
+        let (seq, chain) = k[prefix.len()..].split_at(8);
+        let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
+        let r: AccessRecord = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt access index"))?;
+        out.push(serde_json::json!({
+            "seq": seq, "at": r.at, "caller": r.caller, "purpose": r.purpose,
+            "action": r.action, "fields": r.fields, "request_id": r.request_id,
+        }));
+        last = Some(AccessCursor {
+            seq,
+            chain: chain.to_vec(),
+        });
+    }
+    Ok((out, None))
+}
+
+/// Who received a subject's data, from its access-log index: each caller
+/// and the names of the fields it was released.
+pub fn received_by(
+    store: &Store,
+    subject: &str,
+) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>> {
+    let mut p = subject.as_bytes().to_vec();
+    p.push(0);
+    let mut out: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    for kv in store.scan(Space::Access, &p) {
+        let (_, v) = kv?;
+        let r: AccessRecord = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt access index"))?;
+        if let Some(c) = r.caller {
+            out.entry(c.to_owned())
+                .or_default()
+                .extend(r.fields.iter().map(|f| f.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes a subject's access-log index (the audit log itself keeps its entries).
+pub fn forget_subject(store: &Store, c: &mut Commit, subject: &str) -> Result<()> {
+    let mut p = subject.as_bytes().to_vec();
+    p.push(0);
+    for k in store.keys(Space::Access, &p)? {
+        c.remove(Space::Access, k);
+    }
+    Ok(())
+}
+
+/// Where a restored data directory's log continues: the backup's chain head.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChainBase {
+    pub seq: u64,
+    pub hash: String,
+    pub backup_created_at: String,
+    /// The server's signature of the base (`base_message`), from the backup.
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+/// What the server signs about a backup's chain head, so that the base a
+/// restored log continues from cannot be edited unnoticed.
+pub fn base_message(seq: u64, hash: &str, created_at: &str) -> Vec<u8> {
+    format!("pdvault-audit-base-v1\n{seq}\n{hash}\n{created_at}").into_bytes()
+}
+
+/// Signs a backup's chain head (the backup header carries it).
+pub fn sign_base(key: &crate::crypto::ReceiptKey, seq: u64, hash: &str, created_at: &str) -> String {
+    b64(&key.sign(&base_message(seq, hash, created_at)))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub head: String,
+    pub at: String,
+    /// The id of the checkpoint before this one (`None` for the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// Names this checkpoint in the next one's `prev`.
+    pub fn id(&self) -> String {
+        hex::encode(crate::crypto::sha256(self.signature.as_bytes()))
+    }
+}
+
+pub fn checkpoint_message(seq: u64, head: &str, at: &str, prev: Option<&str>) -> Vec<u8> {
+    match prev {
+        None => format!("pdvault-audit-checkpoint-v1\n{seq}\n{head}\n{at}").into_bytes(),
+        Some(p) => format!("pdvault-audit-checkpoint-v2\n{seq}\n{head}\n{at}\n{p}").into_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AccessCursor;
+
+    #[test]
+    fn access_cursors_read_back_what_they_print_and_refuse_the_rest() {
+        for s in ["0", "17", "17.0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"] {
+            assert_eq!(s.parse::<AccessCursor>().unwrap().to_string(), s);
+        }
+        for s in ["", "-1", "+1", "x", "17.", "17.ABC", "17.zz", "1.2.3"] {
+            assert!(s.parse::<AccessCursor>().is_err(), "{s:?} was taken");
+        }
+    }
+}
