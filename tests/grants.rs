@@ -10,26 +10,6 @@ use std::time::{Duration, Instant};
 
 const POLICY_VERSION: &str = "2024-06-01";
 
-/// The audit log as text, as its operator reads it: the file on sled,
-/// `pdvault audit export` (the same entries, each naming its node) on postgres.
-fn audit_text(s: &Server) -> String {
-    if on_postgres() {
-        let out = s
-            .cmd()
-            .args(["audit", "export"])
-            .output()
-            .expect("run pdvault audit export");
-        assert!(
-            out.status.success(),
-            "audit export: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    } else {
-        std::fs::read_to_string(s.data_dir().join("audit").join("audit.log")).unwrap()
-    }
-}
-
 fn field_names(r: &Resp) -> Vec<String> {
     let mut v: Vec<String> = r.body["fields"]
         .as_object()
@@ -175,7 +155,8 @@ async fn marketing_needs_consent_and_withdrawal_ends_it() {
     f.sort();
     assert_eq!(f, ["email", "given_name", "phone"]);
     // No value in the log.
-    let raw = audit_text(&s);
+    let raw = s.audit_text();
+    assert!(raw.contains("promo-service"), "the log as read holds the entries");
     assert!(!raw.contains("Aigerim") && !raw.contains("aigerim"));
 }
 

@@ -323,21 +323,13 @@ impl Server {
             let text = std::fs::read_to_string(self.keys_dir().join("shred.ledger")).unwrap_or_default();
             return text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         };
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        let conn = tokio::spawn(conn);
         // Space 15 is the shred ledger; its entries' keys start with `e`.
-        let rows = client
-            .query(
-                "SELECT v FROM pdvault_kv WHERE space = 15 AND get_byte(k, 0) = 101 ORDER BY k",
-                &[],
-            )
-            .await
-            .unwrap();
-        drop(client);
-        let _ = conn.await;
-        rows.iter()
-            .map(|r| serde_json::from_slice(r.get::<_, &[u8]>(0)).unwrap())
-            .collect()
+        json_rows(
+            url,
+            "SELECT v FROM pdvault_kv WHERE space = 15 AND get_byte(k, 0) = 101 ORDER BY k",
+            &[],
+        )
+        .await
     }
 
     /// Every byte of the data and keys directories.
@@ -384,26 +376,30 @@ pub fn audit_files_only(test: &str) -> bool {
 }
 
 impl Server {
-    /// Every audit entry of this server's store, in order, as its operator
-    /// sees them: `audit/audit.log` read directly on sled (also while the
-    /// server runs), `pdvault audit export` on postgres (every node's chain).
+    /// The audit trail as text, as its operator reads it: `audit/audit.log`
+    /// read directly on sled (also while the server runs), `pdvault audit
+    /// export` on postgres (every node's chain, each entry naming its node).
+    pub fn audit_text(&self) -> String {
+        if !on_postgres() {
+            return std::fs::read_to_string(self.data_dir().join("audit").join("audit.log")).unwrap_or_default();
+        }
+        let out = self
+            .cmd()
+            .args(["audit", "export"])
+            .output()
+            .expect("run pdvault audit export");
+        assert!(
+            out.status.success(),
+            "audit export: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Every audit entry of this server's store, in order (`audit_text`).
     pub fn audit_entries(&self) -> Vec<Value> {
-        let text = if on_postgres() {
-            let out = self
-                .cmd()
-                .args(["audit", "export"])
-                .output()
-                .expect("run pdvault audit export");
-            assert!(
-                out.status.success(),
-                "audit export: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).expect("utf-8")
-        } else {
-            std::fs::read_to_string(self.data_dir().join("audit").join("audit.log")).unwrap_or_default()
-        };
-        text.lines()
+        self.audit_text()
+            .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
             .collect()
@@ -423,22 +419,26 @@ impl Server {
                 .collect();
         };
         let node = std::fs::read_to_string(self.data_dir().join("node.id")).unwrap_or_default();
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        let conn = tokio::spawn(conn);
-        let rows = client
-            .query(
-                "SELECT v FROM pdvault_kv WHERE space = 17 AND substr(k, 1, 36) = convert_to($1, 'UTF8')
-                 AND get_byte(k, 36) = 99 ORDER BY k",
-                &[&node.trim()],
-            )
-            .await
-            .unwrap();
-        drop(client);
-        let _ = conn.await;
-        rows.iter()
-            .map(|r| serde_json::from_slice(r.get::<_, &[u8]>(0)).unwrap())
-            .collect()
+        json_rows(
+            url,
+            "SELECT v FROM pdvault_kv WHERE space = 17 AND substr(k, 1, 36) = convert_to($1, 'UTF8')
+             AND get_byte(k, 36) = 99 ORDER BY k",
+            &[&node.trim()],
+        )
+        .await
     }
+}
+
+/// The values of a query's rows, each a JSON document (`v` of `pdvault_kv`).
+pub async fn json_rows(url: &str, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Vec<Value> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let rows = client.query(sql, params).await.unwrap();
+    drop(client);
+    let _ = conn.await;
+    rows.iter()
+        .map(|r| serde_json::from_slice(r.get::<_, &[u8]>(0)).unwrap())
+        .collect()
 }
 
 /// Runs one SQL statement on the cluster's `postgres` database.
