@@ -69,8 +69,11 @@ class Vault:
             del env[k]
         self.proc = subprocess.Popen(
             [
+                # --fair-sched: sled's lazy thread pool spins while another
+                # thread initialises it, which valgrind's default lock can
+                # starve for minutes.
                 "valgrind", "--tool=callgrind", "--callgrind-out-file=" + self.out,
-                "--dump-instr=no", "--dump-line=no", "--vgdb=yes",
+                "--dump-instr=no", "--dump-line=no", "--vgdb=yes", "--fair-sched=yes",
                 binary, "--config", cfg, "--data-dir", os.path.join(tmp, "data"),
                 "--keys-dir", os.path.join(tmp, "keys"), "--listen", f"127.0.0.1:{port}", "serve", "--dev",
             ],
@@ -86,6 +89,7 @@ class Vault:
             except OSError:
                 pass
             if time.time() > deadline:
+                self.stop()
                 sys.exit("the server did not answer within 300 s")
             time.sleep(1)
         self.admin = open(os.path.join(tmp, "keys", "admin.token")).read().strip()

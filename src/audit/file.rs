@@ -3,12 +3,15 @@
 //! `checkpoints.jsonl`, the base a restored log continues from in
 //! `base.json`, and the last checkpoint (the anchor) in the keys directory.
 //!
-//! Appends are written under a lock and made durable by a shared
-//! `fdatasync` (group commit); the access-log index is updated after.
+//! The committer hands each group of entries to [`FileSink`]: one `write` of
+//! all their lines, one `fdatasync`, then their access-log records in one
+//! batch of the data store (derived data, rebuilt from the log at the next
+//! start if lost).
 
 use super::*;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::sync::Arc;
 
 pub const CHECKPOINT_FILE: &str = "checkpoints.jsonl";
 /// The last checkpoint, kept in the keys directory.
@@ -19,155 +22,148 @@ pub fn log_path(data_dir: &Path) -> PathBuf {
     data_dir.join("audit").join("audit.log")
 }
 
-struct Writer {
+/// Makes a group durable in the log file.
+pub(super) struct FileSink {
     file: File,
-    seq: u64,
-    head: String,
     /// Length of the file up to the last whole entry written.
     len: u64,
     /// A write failed and its partial bytes may still be in the file.
     torn: bool,
-}
-
-pub(super) struct FileLog {
-    dir: PathBuf,
-    keys_dir: PathBuf,
-    writer: Mutex<Writer>,
-    flusher: Flusher,
+    /// `audit.fsync` (false: benchmarks only).
+    fsync: bool,
+    /// Set when an `fdatasync` failed: what the kernel dropped cannot be
+    /// known, so the log takes no entry until restart.
+    poisoned: Arc<AtomicBool>,
     store: Store,
 }
 
-impl FileLog {
-    /// Opens the log, dropping a torn last line (never acknowledged), and
-    /// brings the access-log index up to date.
-    pub(super) fn open(data_dir: &Path, keys_dir: &Path, store: &Store) -> Result<FileLog> {
-        let dir = data_dir.join("audit");
-        crate::fsutil::create_private_dir(&dir)?;
-        let path = dir.join("audit.log");
-        let mut file = crate::fsutil::open_append_private(&path)?;
-        // A restored data directory continues the chain of the backup's log.
-        let (mut seq, mut head) = read_base(&dir)
-            .map(|b| (b.seq, b.hash))
-            .unwrap_or((0, GENESIS.to_string()));
-        let mut good_len = 0u64;
-        let indexed = store
-            .get(Space::Meta, INDEXED)?
-            .map(|b| crate::storage::read_u64(&b))
-            .unwrap_or(0);
-        {
-            let mut r = BufReader::new(File::open(&path)?);
-            let mut line = String::new();
-            let mut off = 0u64;
-            loop {
-                line.clear();
-                let n = r.read_line(&mut line)?;
-                if n == 0 || !line.ends_with('\n') {
-                    break;
-                }
-                let e: AuditEntry = serde_json::from_str(line.trim_end())
-                    .map_err(|_| VaultError::Internal(format!("audit log corrupt after seq {seq}")))?;
-                if e.seq > indexed {
-                    if let Some((k, v)) = access_record(&e, b"") {
-                        store.insert(Space::Access, k, v)?;
-                    }
-                }
-                off += n as u64;
-                good_len = off;
-                seq = e.seq;
-                head = e.hash;
-            }
-        }
-        if file.metadata()?.len() != good_len {
-            file.set_len(good_len)?;
-            file.sync_all()?;
-        }
-        file.seek(SeekFrom::End(0))?;
-        store.insert(Space::Meta, INDEXED, seq.to_be_bytes())?;
-        let sync_file = file.try_clone()?;
-        Ok(FileLog {
-            dir,
-            keys_dir: keys_dir.to_owned(),
-            writer: Mutex::new(Writer {
-                file,
-                seq,
-                head,
-                len: good_len,
-                torn: false,
-            }),
-            flusher: Flusher::spawn("audit", move || {
-                crate::faults::hold("PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE");
-                sync_file.sync_data()
-            }),
-            store: store.clone(),
-        })
-    }
-
-    /// Writes the entries (not yet durable). A failed write (a full disk) is
-    /// cut off the file again, and the log takes appends as soon as space is
-    /// back.
-    pub(super) fn write(&self, drafts: Vec<Draft>) -> Result<Vec<AuditEntry>> {
-        let at = crate::fsutil::rfc3339_millis(crate::fsutil::now_millis());
-        let mut w = self.writer.lock().expect("audit lock");
-        let mut buf = Vec::with_capacity(drafts.len() * 256);
-        let mut entries = Vec::with_capacity(drafts.len());
-        let (mut seq, mut head) = (w.seq, w.head.clone());
-        for d in drafts {
-            seq += 1;
-            let e = AuditEntry::chained(seq, &at, d, &head, None);
-            head.clone_from(&e.hash);
-            serde_json::to_writer(&mut buf, &e).expect("json");
-            buf.push(b'\n');
-            entries.push(e);
-        }
-        if w.torn {
-            // The probe: cut the partial bytes of the failed write.
-            let len = w.len;
-            if w.file.set_len(len).is_err() {
-                return Err(VaultError::AuditUnavailable);
-            }
-            w.torn = false;
-        }
-        if crate::faults::enospc().and_then(|_| w.file.write_all(&buf)).is_err() {
-            w.torn = true;
-            let len = w.len;
-            if w.file.set_len(len).is_ok() {
-                w.torn = false;
-            }
+impl Sink for FileSink {
+    fn commit(&mut self, _before: &(u64, String), entries: &[AuditEntry]) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
             return Err(VaultError::AuditUnavailable);
         }
-        w.seq = seq;
-        w.head = head;
-        w.len += buf.len() as u64;
-        Ok(entries)
-    }
-
-    /// Returns once everything written before is on disk.
-    pub(super) async fn sync(&self) -> Result<()> {
-        self.flusher.sync().await
-    }
-
-    /// After the entries are durable: their access-log records (derived
-    /// data, rebuilt from the log at the next start if lost).
-    pub(super) fn index(&self, entries: &[AuditEntry]) {
+        let mut buf = Vec::with_capacity(entries.len() * 400);
         for e in entries {
-            if let Some((k, v)) = access_record(e, b"") {
-                let _ = self.store.insert(Space::Access, k, v);
+            serde_json::to_writer(&mut buf, e).expect("json");
+            buf.push(b'\n');
+        }
+        if self.torn {
+            // The probe: cut the partial bytes of the failed write.
+            if self.file.set_len(self.len).is_err() {
+                return Err(VaultError::AuditUnavailable);
+            }
+            self.torn = false;
+        }
+        // A failed write (a full disk) is cut off the file again, and the
+        // log takes entries as soon as space is back.
+        if let Err(e) = crate::faults::enospc().and_then(|_| self.file.write_all(&buf)) {
+            tracing::error!(error = %e, "audit log write failed; nothing of this group was released");
+            self.torn = self.file.set_len(self.len).is_err();
+            return Err(VaultError::AuditUnavailable);
+        }
+        self.len += buf.len() as u64;
+        if self.fsync {
+            crate::faults::hold("PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE");
+            if let Err(e) = self.file.sync_data() {
+                tracing::error!(error = %e, "audit log fdatasync failed; the log takes no entry until restart");
+                self.poisoned.store(true, Ordering::SeqCst);
+                return Err(VaultError::AuditUnavailable);
             }
         }
+        let mut c = Commit::default();
+        for e in entries {
+            if let Some((k, v)) = access_record(e, b"") {
+                c.insert(Space::Access, k, v);
+            }
+        }
+        if let Err(e) = self.store.apply(&c) {
+            tracing::warn!(error = %e, "access-log index not updated; rebuilt from the log at the next start");
+        }
+        Ok(())
     }
+}
 
-    pub(super) fn head(&self) -> (u64, String) {
-        let w = self.writer.lock().expect("audit lock");
-        (w.seq, w.head.clone())
+/// The log's checkpoints and anchor.
+pub(super) struct Checkpoints {
+    dir: PathBuf,
+    keys_dir: PathBuf,
+}
+
+/// Opens the log, dropping a torn last line (never acknowledged), and brings
+/// the access-log index up to date. Returns the chain's head, the sink for
+/// its committer and its checkpoints.
+pub(super) fn open(
+    data_dir: &Path,
+    keys_dir: &Path,
+    store: &Store,
+    fsync: bool,
+    poisoned: Arc<AtomicBool>,
+) -> Result<((u64, String), FileSink, Checkpoints)> {
+    let dir = data_dir.join("audit");
+    crate::fsutil::create_private_dir(&dir)?;
+    let path = dir.join("audit.log");
+    let mut file = crate::fsutil::open_append_private(&path)?;
+    // A restored data directory continues the chain of the backup's log.
+    let (mut seq, mut head) = read_base(&dir)
+        .map(|b| (b.seq, b.hash))
+        .unwrap_or((0, GENESIS.to_string()));
+    let mut good_len = 0u64;
+    let indexed = store
+        .get(Space::Meta, INDEXED)?
+        .map(|b| crate::storage::read_u64(&b))
+        .unwrap_or(0);
+    {
+        let mut r = BufReader::new(File::open(&path)?);
+        let mut line = String::new();
+        let mut off = 0u64;
+        loop {
+            line.clear();
+            let n = r.read_line(&mut line)?;
+            if n == 0 || !line.ends_with('\n') {
+                break;
+            }
+            let e: AuditEntry = serde_json::from_str(line.trim_end())
+                .map_err(|_| VaultError::Internal(format!("audit log corrupt after seq {seq}")))?;
+            if e.seq > indexed {
+                if let Some((k, v)) = access_record(&e, b"") {
+                    store.insert(Space::Access, k, v)?;
+                }
+            }
+            off += n as u64;
+            good_len = off;
+            seq = e.seq;
+            head = e.hash;
+        }
     }
+    if file.metadata()?.len() != good_len {
+        file.set_len(good_len)?;
+        file.sync_all()?;
+    }
+    file.seek(SeekFrom::End(0))?;
+    store.insert(Space::Meta, INDEXED, seq.to_be_bytes())?;
+    let sink = FileSink {
+        file,
+        len: good_len,
+        torn: false,
+        fsync,
+        poisoned,
+        store: store.clone(),
+    };
+    let checkpoints = Checkpoints {
+        dir,
+        keys_dir: keys_dir.to_owned(),
+    };
+    Ok(((seq, head), sink, checkpoints))
+}
 
-    pub(super) fn last_checkpoint(&self) -> Option<Checkpoint> {
+impl Checkpoints {
+    pub(super) fn last(&self) -> Option<Checkpoint> {
         read_checkpoints(&self.dir.join(CHECKPOINT_FILE)).ok()?.pop()
     }
 
     /// Appends a checkpoint to `checkpoints.jsonl` and records it as the
     /// anchor in the keys directory.
-    pub(super) fn write_checkpoint(&self, cp: &Checkpoint) -> Result<()> {
+    pub(super) fn write(&self, cp: &Checkpoint) -> Result<()> {
         let mut f = crate::fsutil::open_append_private(&self.dir.join(CHECKPOINT_FILE))?;
         let mut line = serde_json::to_vec(cp).expect("json");
         line.push(b'\n');

@@ -3,25 +3,28 @@
 //! is found by `pdvault audit verify`.
 //!
 //! Owns the entries and their chain, the signed checkpoints of a chain's
-//! head, and the per-subject access-log index in the data store. Where the
-//! chain is kept is a [`Place`]: the node's data directory (`file`, the sled
-//! backend) or the shared data database, one chain per node (`shared`, the
-//! postgres backend); `read` verifies and queries either. Entries name who,
+//! head, and the per-subject access-log index in the data store. One thread
+//! per node chains and commits the entries waiting at once (`commit`). Where
+//! the chain is kept is a [`Place`]: the node's data directory (`file`, the
+//! sled backend) or the shared data database, one chain per node (`shared`,
+//! the postgres backend); `read` verifies and queries either. Entries name who,
 //! which fields, which purpose, when and the outcome; never a value, never a
 //! token.
 
 use crate::error::{Result, VaultError};
-use crate::storage::{Commit, Flusher, KeyStore, Space, Store};
+use crate::storage::{Commit, KeyStore, Space, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+mod commit;
 mod file;
 mod read;
 mod shared;
 
+use commit::{Committer, Sink};
 pub use file::{log_path, read_anchor, write_base, ANCHOR_FILE, BASE_FILE, CHECKPOINT_FILE};
 pub use read::{export, impact, verify, ExportFilter, Impact, SubjectImpact, Verdict};
 use read::{Chain, Lines, Names};
@@ -185,38 +188,50 @@ impl Place {
     }
 }
 
-enum Medium {
-    File(file::FileLog),
-    Shared(shared::SharedLog),
+/// Where this node's checkpoints and anchor are kept.
+enum Checkpoints {
+    File(file::Checkpoints),
+    Shared(shared::Checkpoints),
 }
 
 pub struct AuditLog {
-    medium: Medium,
-    /// `audit.fsync`: when false (benchmarks only) file appends are written
-    /// but not flushed. (A database commit is always durable.)
-    fsync: bool,
-    poisoned: AtomicBool,
+    committer: Committer,
+    checkpoints: Checkpoints,
+    /// Set by the file sink when an `fdatasync` failed.
+    poisoned: Arc<AtomicBool>,
     fault_file: Option<PathBuf>,
 }
 
 impl AuditLog {
     /// Opens this node's chain where `place` keeps it. `chain` names it
     /// among the nodes of a shared store (its node id; unused for files).
-    /// `store` is the data store (the access-log index).
+    /// `store` is the data store (the access-log index). With `fsync` false
+    /// (`audit.fsync`, benchmarks only) file appends are written but not
+    /// flushed; a database commit is always durable.
     pub fn open(place: &Place, store: &Store, fsync: bool, chain: &str) -> Result<AuditLog> {
         if !fsync {
             tracing::warn!(
                 "audit.fsync = false: benchmark-only: audit entries are not durable (a crash can lose acknowledged entries)"
             );
         }
-        let medium = match place {
-            Place::Files { data_dir, keys_dir } => Medium::File(file::FileLog::open(data_dir, keys_dir, store)?),
-            Place::Shared { store, keys } => Medium::Shared(shared::SharedLog::open(store, keys, chain)?),
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let (committer, checkpoints) = match place {
+            Place::Files { data_dir, keys_dir } => {
+                let (head, sink, cps) = file::open(data_dir, keys_dir, store, fsync, poisoned.clone())?;
+                (Committer::spawn(head, None, sink)?, Checkpoints::File(cps))
+            }
+            Place::Shared { store, keys } => {
+                let (head, sink, cps) = shared::open(store, keys, chain)?;
+                (
+                    Committer::spawn(head, Some(chain.to_owned()), sink)?,
+                    Checkpoints::Shared(cps),
+                )
+            }
         };
         Ok(AuditLog {
-            medium,
-            fsync,
-            poisoned: AtomicBool::new(false),
+            committer,
+            checkpoints,
+            poisoned,
             fault_file: crate::faults::armed_path("PDVAULT_FAULT_AUDIT_FILE"),
         })
     }
@@ -238,33 +253,19 @@ impl AuditLog {
         if self.poisoned.load(Ordering::SeqCst) || self.fault_file.as_ref().is_some_and(|f| f.exists()) {
             return Err(VaultError::AuditUnavailable);
         }
-        match &self.medium {
-            Medium::Shared(log) => log.append(drafts).await,
-            Medium::File(log) => {
-                let entries = log.write(drafts)?;
-                if self.fsync && log.sync().await.is_err() {
-                    self.poisoned.store(true, Ordering::SeqCst);
-                    return Err(VaultError::AuditUnavailable);
-                }
-                log.index(&entries);
-                Ok(entries)
-            }
-        }
+        self.committer.append(drafts).await
     }
 
     /// The head of this node's chain: (last seq, its hash).
     pub fn head(&self) -> (u64, String) {
-        match &self.medium {
-            Medium::File(log) => log.head(),
-            Medium::Shared(log) => log.head(),
-        }
+        self.committer.head()
     }
 
     /// The newest signed checkpoint of this node's chain, if any.
     pub fn last_checkpoint(&self) -> Option<Checkpoint> {
-        match &self.medium {
-            Medium::File(log) => log.last_checkpoint(),
-            Medium::Shared(log) => log.last_checkpoint(),
+        match &self.checkpoints {
+            Checkpoints::File(c) => c.last(),
+            Checkpoints::Shared(c) => c.last(),
         }
     }
 
@@ -293,9 +294,9 @@ impl AuditLog {
             prev,
             signature: b64(&key.sign(&msg)),
         };
-        match &self.medium {
-            Medium::File(log) => log.write_checkpoint(&cp)?,
-            Medium::Shared(log) => log.write_checkpoint(&cp)?,
+        match &self.checkpoints {
+            Checkpoints::File(c) => c.write(&cp)?,
+            Checkpoints::Shared(c) => c.write(&cp)?,
         }
         Ok(Some(cp))
     }

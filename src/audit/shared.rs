@@ -2,11 +2,9 @@
 //! backend): one hash chain per node, in the data store's `Audit` space, so
 //! that `audit verify` and `audit export` see every node's entries.
 //!
-//! Each node's entries are chained and written by one committer thread: all
-//! the entries waiting when it starts go into one unit of work with their
-//! access-log records and the chain's new head (one transaction), and each
-//! caller is answered once that is durable. Nothing advances on a failed
-//! commit, so the next group chains from the last durable entry.
+//! Each node's committer hands its groups to [`SharedSink`]: the entries,
+//! their access-log records and the chain's new head in one unit of work
+//! (one transaction), which expects the head the group follows.
 //!
 //! Keys of the `Audit` space: `<chain>e<seq>` an entry (its JSON),
 //! `<chain>c<seq>` a signed checkpoint, `<chain>b` the base a restored chain
@@ -17,8 +15,6 @@
 
 use super::*;
 use crate::storage::KeyStore;
-use std::sync::{mpsc, Arc};
-use tokio::sync::oneshot;
 
 const HEAD_PREFIX: &str = "audit_head/";
 const ANCHOR_PREFIX: &str = "anchor/";
@@ -48,76 +44,96 @@ fn decode_head(b: &[u8]) -> (u64, String) {
     )
 }
 
-struct Job {
-    drafts: Vec<Draft>,
-    reply: oneshot::Sender<Result<Vec<AuditEntry>>>,
+/// Makes a group durable in the data database.
+pub(super) struct SharedSink {
+    store: Store,
+    chain: String,
 }
 
-pub(super) struct SharedLog {
+impl Sink for SharedSink {
+    fn commit(&mut self, before: &(u64, String), entries: &[AuditEntry]) -> Result<()> {
+        let chain = self.chain.as_str();
+        let mut c = Commit::default();
+        for e in entries {
+            c.insert(
+                Space::Audit,
+                key(chain, b'e', Some(e.seq)),
+                serde_json::to_vec(e).expect("json"),
+            );
+            if let Some((k, v)) = access_record(e, chain.as_bytes()) {
+                c.insert(Space::Access, k, v);
+            }
+        }
+        // The head the group follows must still be there: a second process
+        // writing this chain (two nodes started with one node id) fails here
+        // rather than overwrite entries.
+        c.expect(Space::Meta, head_key(chain), Some(&head_value(before.0, &before.1)));
+        if let Some(last) = entries.last() {
+            c.insert(Space::Meta, head_key(chain), head_value(last.seq, &last.hash));
+        }
+        crate::faults::hold("PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE");
+        let r = crate::faults::enospc()
+            .map_err(VaultError::from)
+            .and_then(|_| self.store.commit_blocking(&c));
+        if let Err(e) = &r {
+            let why = match e {
+                VaultError::VersionConflict { .. } => {
+                    "another process wrote this node's audit chain (two nodes with one node id?)".to_owned()
+                }
+                e => e.to_string(),
+            };
+            tracing::error!(error = %why, "audit entries could not be committed; nothing of them was released");
+        }
+        r
+    }
+}
+
+/// A chain's checkpoints (beside it) and anchor (in the key store).
+pub(super) struct Checkpoints {
     chain: String,
     store: Store,
     keys: KeyStore,
-    jobs: Mutex<mpsc::Sender<Job>>,
-    head: Arc<Mutex<(u64, String)>>,
-    last_checkpoint: Mutex<Option<Checkpoint>>,
+    last: Mutex<Option<Checkpoint>>,
 }
 
-impl SharedLog {
-    pub(super) fn open(store: &Store, keys: &KeyStore, chain: &str) -> Result<SharedLog> {
-        let head = match store.get(Space::Meta, head_key(chain))? {
-            Some(b) => decode_head(&b),
-            None => {
-                // A new chain, or one a restore left a base for.
-                let start = base(store, chain)?
-                    .map(|b| (b.seq, b.hash))
-                    .unwrap_or((0, GENESIS.to_string()));
-                let mut c = Commit::default();
-                c.insert(Space::Meta, head_key(chain), head_value(start.0, &start.1));
-                store.commit_blocking(&c)?;
-                start
-            }
-        };
-        let head = Arc::new(Mutex::new(head));
-        let (tx, rx) = mpsc::channel::<Job>();
-        {
-            let (store, chain, head) = (store.clone(), chain.to_owned(), head.clone());
-            std::thread::Builder::new()
-                .name("audit-commit".into())
-                .spawn(move || commit_loop(&store, &chain, &head, &rx))
-                .map_err(VaultError::from)?;
+/// Opens this node's chain (registering it, at its restore base if it has
+/// one). Returns the chain's head, the sink for its committer and its
+/// checkpoints.
+pub(super) fn open(store: &Store, keys: &KeyStore, chain: &str) -> Result<((u64, String), SharedSink, Checkpoints)> {
+    let head = match store.get(Space::Meta, head_key(chain))? {
+        Some(b) => decode_head(&b),
+        None => {
+            // A new chain, or one a restore left a base for.
+            let start = base(store, chain)?
+                .map(|b| (b.seq, b.hash))
+                .unwrap_or((0, GENESIS.to_string()));
+            let mut c = Commit::default();
+            c.insert(Space::Meta, head_key(chain), head_value(start.0, &start.1));
+            store.commit_blocking(&c)?;
+            start
         }
-        Ok(SharedLog {
-            chain: chain.to_owned(),
-            store: store.clone(),
-            keys: keys.clone(),
-            jobs: Mutex::new(tx),
-            head,
-            last_checkpoint: Mutex::new(checkpoints(store, chain)?.pop()),
-        })
-    }
+    };
+    let sink = SharedSink {
+        store: store.clone(),
+        chain: chain.to_owned(),
+    };
+    let checkpoints = Checkpoints {
+        chain: chain.to_owned(),
+        store: store.clone(),
+        keys: keys.clone(),
+        last: Mutex::new(checkpoints(store, chain)?.pop()),
+    };
+    Ok((head, sink, checkpoints))
+}
 
-    /// Chains, writes and commits the entries; returns once they are durable.
-    pub(super) async fn append(&self, drafts: Vec<Draft>) -> Result<Vec<AuditEntry>> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs
-            .lock()
-            .expect("audit lock")
-            .send(Job { drafts, reply })
-            .map_err(|_| VaultError::AuditUnavailable)?;
-        rx.await.map_err(|_| VaultError::AuditUnavailable)?
-    }
-
-    pub(super) fn head(&self) -> (u64, String) {
-        self.head.lock().expect("audit lock").clone()
-    }
-
-    pub(super) fn last_checkpoint(&self) -> Option<Checkpoint> {
-        self.last_checkpoint.lock().expect("audit lock").clone()
+impl Checkpoints {
+    pub(super) fn last(&self) -> Option<Checkpoint> {
+        self.last.lock().expect("audit lock").clone()
     }
 
     /// Stores a checkpoint beside the entries, then records it as the anchor
     /// in the key store.
-    pub(super) fn write_checkpoint(&self, cp: &Checkpoint) -> Result<()> {
+    pub(super) fn write(&self, cp: &Checkpoint) -> Result<()> {
         let mut c = Commit::default();
         c.insert(
             Space::Audit,
@@ -132,70 +148,13 @@ impl SharedLog {
             serde_json::to_vec(cp).expect("json"),
         );
         self.keys.store.commit_blocking(&a)?;
-        *self.last_checkpoint.lock().expect("audit lock") = Some(cp.clone());
+        *self.last.lock().expect("audit lock") = Some(cp.clone());
         Ok(())
     }
 }
 
 fn head_value(seq: u64, hash: &str) -> Vec<u8> {
     [&seq.to_be_bytes()[..], hash.as_bytes()].concat()
-}
-
-/// The committer: every job waiting when it wakes goes into one commit.
-fn commit_loop(store: &Store, chain: &str, head: &Mutex<(u64, String)>, rx: &mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        jobs.extend(rx.try_iter());
-        let at = crate::fsutil::rfc3339_millis(crate::fsutil::now_millis());
-        let (mut seq, mut hash) = head.lock().expect("audit lock").clone();
-        let mut c = Commit::default();
-        let mut done = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let mut entries = Vec::with_capacity(job.drafts.len());
-            for d in job.drafts {
-                seq += 1;
-                let e = AuditEntry::chained(seq, &at, d, &hash, Some(chain));
-                hash.clone_from(&e.hash);
-                c.insert(
-                    Space::Audit,
-                    key(chain, b'e', Some(seq)),
-                    serde_json::to_vec(&e).expect("json"),
-                );
-                if let Some((k, v)) = access_record(&e, chain.as_bytes()) {
-                    c.insert(Space::Access, k, v);
-                }
-                entries.push(e);
-            }
-            done.push((job.reply, entries));
-        }
-        // The head it started from must still be there: a second process
-        // writing this chain (two nodes started with one node id) fails here
-        // rather than overwrite entries.
-        let (old_seq, old_hash) = head.lock().expect("audit lock").clone();
-        c.expect(Space::Meta, head_key(chain), Some(&head_value(old_seq, &old_hash)));
-        c.insert(Space::Meta, head_key(chain), head_value(seq, &hash));
-        crate::faults::hold("PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE");
-        let r = crate::faults::enospc()
-            .map_err(VaultError::from)
-            .and_then(|_| store.commit_blocking(&c));
-        if let Err(e) = &r {
-            let why = match e {
-                VaultError::VersionConflict { .. } => {
-                    "another process wrote this node's audit chain (two nodes with one node id?)".to_owned()
-                }
-                e => e.to_string(),
-            };
-            tracing::error!(error = %why, "audit entries could not be committed; nothing of them was released");
-        } else {
-            *head.lock().expect("audit lock") = (seq, hash);
-        }
-        for (reply, entries) in done {
-            let _ = reply.send(match &r {
-                Ok(()) => Ok(entries),
-                Err(_) => Err(VaultError::AuditUnavailable),
-            });
-        }
-    }
 }
 
 fn base(store: &Store, chain: &str) -> Result<Option<ChainBase>> {
