@@ -1227,11 +1227,12 @@ impl Cluster {
             .map_err(|e| e.to_string())?;
         let conn = tokio::spawn(conn);
         let name = format!("bench{n}_{}", std::process::id());
+        // One statement per call: several in one string run in one implicit
+        // transaction, where CREATE DATABASE is refused.
         for db in [name.clone(), format!("{name}_keys")] {
-            client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
-                .await
-                .map_err(|e| e.to_string())?;
+            for sql in [format!("DROP DATABASE IF EXISTS {db}"), format!("CREATE DATABASE {db}")] {
+                client.batch_execute(&sql).await.map_err(|e| format!("{sql}: {e:?}"))?;
+            }
         }
         drop(client);
         let _ = conn.await;
