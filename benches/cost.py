@@ -182,6 +182,8 @@ def main():
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--batches", type=int, default=5, help="batch_create_1000 requests")
     ap.add_argument("--quick", action="store_true", help="300 requests, 2 batches")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the callgrind dumps (one per scenario) for callgrind_annotate, and say where")
     a = ap.parse_args()
     if a.quick:
         a.requests, a.batches = 300, 2
@@ -217,6 +219,10 @@ def main():
             total = vault.counted(lambda: drive(vault, n, a.connections, make))
             per_unit = total / (n * per)
             results[name] = per_unit
+            if a.keep:
+                dumps = sorted(d for d in os.listdir(tmp) if d.startswith("callgrind.out."))
+                if dumps:
+                    os.rename(os.path.join(tmp, dumps[-1]), os.path.join(tmp, f"{name}.callgrind"))
             line = {"scenario": name, "requests": n, "instructions": total,
                     "per_request" if per == 1 else "per_subject": round(per_unit)}
             print(json.dumps(line), flush=True)
@@ -224,7 +230,10 @@ def main():
         print(json.dumps({"ratios": ratios, "binary": a.bin, "connections": a.connections}), flush=True)
     finally:
         vault.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if a.keep:
+            print(json.dumps({"dumps": tmp}), flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
