@@ -170,6 +170,9 @@ pub struct StorageConfig {
     pub tls: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// sled (backend = "sled"): the page cache of each of its two stores
+    /// (data, and the keys directory's data keys), in MiB.
+    pub cache_mib: u64,
 }
 
 impl Default for StorageConfig {
@@ -182,6 +185,7 @@ impl Default for StorageConfig {
             pool_size: 16,
             tls: "require".into(),
             ca_file: None,
+            cache_mib: 256,
         }
     }
 }
@@ -196,6 +200,7 @@ impl std::fmt::Debug for StorageConfig {
             .field("pool_size", &self.pool_size)
             .field("tls", &self.tls)
             .field("ca_file", &self.ca_file)
+            .field("cache_mib", &self.cache_mib)
             .finish()
     }
 }
@@ -871,6 +876,23 @@ mod tests {
         assert!(Config::from_toml(&bad, &Overrides::default()).is_err());
         let weak = SHIPPED.replace("argon2_m_kib = 65536", "argon2_m_kib = 1024");
         assert!(Config::from_toml(&weak, &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn the_store_cache_is_bounded_in_config() {
+        let c = Config::from_toml(SHIPPED, &Overrides::default()).unwrap();
+        assert_eq!(c.storage.cache_mib, 256);
+        let small = SHIPPED.replace("cache_mib = 256", "cache_mib = 64");
+        assert_eq!(
+            Config::from_toml(&small, &Overrides::default())
+                .unwrap()
+                .storage
+                .cache_mib,
+            64
+        );
+        let tiny = SHIPPED.replace("cache_mib = 256", "cache_mib = 8");
+        let e = Config::from_toml(&tiny, &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("storage.cache_mib"), "{e}");
     }
 
     #[test]

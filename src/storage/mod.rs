@@ -324,6 +324,9 @@ pub fn migrate(cfg: &crate::config::Config) -> Result<String> {
 
 /// Start-up checks of `[storage]` that only the backend can make.
 pub fn check_config(s: &crate::config::StorageConfig) -> std::result::Result<(), String> {
+    if s.cache_mib < 16 {
+        return Err("storage.cache_mib must be at least 16".into());
+    }
     match s.backend {
         crate::config::Backend::Sled => Ok(()),
         crate::config::Backend::Postgres => postgres::check(s),
@@ -355,19 +358,25 @@ impl Store {
         self.engine.shared()
     }
 
-    /// The embedded data store in `dir` (the sled backend).
+    /// The embedded data store in `dir` (the sled backend), with the
+    /// default cache.
     pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_sled(dir, crate::config::StorageConfig::default().cache_mib)
+    }
+
+    /// The embedded data store in `dir`, its page cache bounded to `cache_mib`.
+    fn open_sled(dir: &Path, cache_mib: u64) -> Result<Store> {
         crate::fsutil::create_private_dir(dir)?;
         Ok(Store::over(
             "data",
-            Arc::new(sled::Engine::open(&dir.join("db"), Space::DATA)?),
+            Arc::new(sled::Engine::open(&dir.join("db"), Space::DATA, cache_mib)?),
         ))
     }
 
     /// The configured data store (`storage.backend`).
     pub fn open_with(cfg: &crate::config::Config) -> Result<Store> {
         match cfg.storage.backend {
-            crate::config::Backend::Sled => Store::open(&cfg.data_dir),
+            crate::config::Backend::Sled => Store::open_sled(&cfg.data_dir, cfg.storage.cache_mib),
             crate::config::Backend::Postgres => Ok(Store::over(
                 "data",
                 Arc::new(postgres::Engine::open(&cfg.storage, false)?),
@@ -519,9 +528,14 @@ fn decode_wrapped(b: &[u8]) -> Result<WrappedKey> {
 }
 
 impl KeyStore {
-    /// The embedded key store under the keys directory (the sled backend).
+    /// The embedded key store under the keys directory (the sled backend),
+    /// with the default cache.
     pub fn open(keys_dir: &Path) -> Result<KeyStore> {
-        let engine = sled::Engine::open(&keys_dir.join("datakeys"), Space::KEYS)?;
+        KeyStore::open_sled(keys_dir, crate::config::StorageConfig::default().cache_mib)
+    }
+
+    fn open_sled(keys_dir: &Path, cache_mib: u64) -> Result<KeyStore> {
+        let engine = sled::Engine::open(&keys_dir.join("datakeys"), Space::KEYS, cache_mib)?;
         Ok(KeyStore {
             store: Store::over("keys", Arc::new(engine)),
         })
@@ -530,7 +544,7 @@ impl KeyStore {
     /// The configured key store (`storage.backend`).
     pub fn open_with(cfg: &crate::config::Config) -> Result<KeyStore> {
         match cfg.storage.backend {
-            crate::config::Backend::Sled => KeyStore::open(&cfg.keys.dir),
+            crate::config::Backend::Sled => KeyStore::open_sled(&cfg.keys.dir, cfg.storage.cache_mib),
             crate::config::Backend::Postgres => Ok(KeyStore {
                 store: Store::over("keys", Arc::new(postgres::Engine::open(&cfg.storage, true)?)),
             }),

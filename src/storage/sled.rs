@@ -24,11 +24,13 @@ fn err(e: ::sled::Error) -> VaultError {
 }
 
 impl Engine {
-    /// Opens (creating if needed) a sled database with a tree per space,
-    /// mapping its lock error to a clear message.
-    pub(super) fn open(path: &Path, spaces: &[Space]) -> Result<Engine> {
+    /// Opens (creating if needed) a sled database with a tree per space and
+    /// its page cache bounded to `cache_mib` (`storage.cache_mib`), mapping
+    /// its lock error to a clear message.
+    pub(super) fn open(path: &Path, spaces: &[Space], cache_mib: u64) -> Result<Engine> {
         let db = ::sled::Config::new()
             .path(path)
+            .cache_capacity(cache_mib.saturating_mul(1024 * 1024))
             .mode(::sled::Mode::HighThroughput)
             .flush_every_ms(None)
             .open()
