@@ -160,10 +160,7 @@ impl Place {
     /// has its stores open.
     pub fn with(cfg: &crate::config::Config, store: &Store, keys: &KeyStore) -> Place {
         match cfg.storage.backend {
-            crate::config::Backend::Sled => Place::Files {
-                data_dir: cfg.data_dir.clone(),
-                keys_dir: cfg.keys.dir.clone(),
-            },
+            crate::config::Backend::Sled => Place::files(cfg),
             crate::config::Backend::Postgres => Place::Shared {
                 store: store.clone(),
                 keys: keys.clone(),
@@ -176,14 +173,18 @@ impl Place {
     /// databases.
     pub fn of(cfg: &crate::config::Config) -> Result<Place> {
         match cfg.storage.backend {
-            crate::config::Backend::Sled => Ok(Place::Files {
-                data_dir: cfg.data_dir.clone(),
-                keys_dir: cfg.keys.dir.clone(),
-            }),
+            crate::config::Backend::Sled => Ok(Place::files(cfg)),
             crate::config::Backend::Postgres => Ok(Place::Shared {
                 store: Store::open_with(cfg)?,
                 keys: KeyStore::open_with(cfg)?,
             }),
+        }
+    }
+
+    fn files(cfg: &crate::config::Config) -> Place {
+        Place::Files {
+            data_dir: cfg.data_dir.clone(),
+            keys_dir: cfg.keys.dir.clone(),
         }
     }
 }
@@ -236,7 +237,8 @@ impl AuditLog {
         })
     }
 
-    /// The chain `chain` in a shared store.
+    /// The chain `chain` in a shared store (unit tests of several chains).
+    #[cfg(test)]
     pub fn open_shared(store: &Store, keys: &KeyStore, chain: &str) -> Result<AuditLog> {
         let place = Place::Shared {
             store: store.clone(),
