@@ -33,7 +33,11 @@
 //! - `PDVAULT_LOAD_CLIENT_THREADS` client runtime threads (default: all CPUs);
 //! - `PDVAULT_LOAD_SERVER_LOG` the servers' `PDVAULT_LOG` (default `warn`: the
 //!   per-request info line is not written, for the vault and baseline alike);
-//! - `PDVAULT_LOAD_POSTGRES=0` leaves the postgres backend out.
+//! - `PDVAULT_LOAD_POSTGRES=0` leaves the postgres backend out;
+//! - `PDVAULT_LOAD_ONLY` a comma list of the parts to run (scenario names,
+//!   `read_delivery_audit_unflushed`, `baseline_tls`, `scale`, `postgres`);
+//!   unset runs everything. For a quick before/after of one path, e.g.
+//!   `PDVAULT_LOAD_ONLY=create,baseline_tls`.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -76,6 +80,8 @@ struct Opts {
     server_log: String,
     /// `PDVAULT_LOAD_POSTGRES=0` leaves the postgres backend out.
     postgres: bool,
+    /// `PDVAULT_LOAD_ONLY`: the parts to run; `None` runs all.
+    only: Option<Vec<String>>,
 }
 
 impl Opts {
@@ -101,7 +107,16 @@ impl Opts {
             scale,
             server_log: std::env::var("PDVAULT_LOAD_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
             postgres: std::env::var("PDVAULT_LOAD_POSTGRES").map_or(true, |v| v != "0"),
+            only: std::env::var("PDVAULT_LOAD_ONLY")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.split(',').map(|p| p.trim().to_owned()).collect()),
         }
+    }
+
+    /// Whether the part named `part` is to run.
+    fn runs(&self, part: &str) -> bool {
+        self.only.as_ref().map_or(true, |o| o.iter().any(|p| p == part))
     }
 }
 
@@ -1094,6 +1109,7 @@ async fn run(opts: Opts) -> Res {
         "main_subjects": opts.main_subjects,
         "scale_points": opts.scale,
         "server_log": opts.server_log,
+        "only": opts.only,
         "started_at": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     }));
 
@@ -1110,7 +1126,13 @@ async fn run(opts: Opts) -> Res {
         Scenario::Create,
         Scenario::BatchCreate1000,
     ] {
+        if !opts.runs(s.name()) && !(s == Scenario::ReadDelivery && opts.runs("read_delivery_audit_unflushed")) {
+            continue;
+        }
         for (i, conns) in CONNS.into_iter().enumerate() {
+            if !opts.runs(s.name()) {
+                break;
+            }
             let o = vault_scenario(&mut v, s, conns, &opts, &mut report).await;
             match s {
                 Scenario::ReadDelivery => delivery[i] = o.rps,
@@ -1118,7 +1140,7 @@ async fn run(opts: Opts) -> Res {
                 _ => {}
             }
         }
-        if s == Scenario::ReadDelivery {
+        if s == Scenario::ReadDelivery && opts.runs("read_delivery_audit_unflushed") {
             audit_unflushed(&opts, delivery[1], &mut report).await?;
         }
     }
@@ -1126,7 +1148,7 @@ async fn run(opts: Opts) -> Res {
 
     // 2. The baseline: same TLS stack and accept loop, fixed body of the same size.
     let mut base = [0.0; 2];
-    {
+    if opts.runs("baseline_tls") {
         let mut b = Server::baseline(&opts, &v.server, body_bytes).await?;
         report.emit(&json!({"baseline_tls_body_bytes": body_bytes, "same_as": "mean read_delivery answer body"}));
         let target = Target::new(&b, None, None);
@@ -1155,7 +1177,7 @@ async fn run(opts: Opts) -> Res {
     drop(v);
 
     // 3. Scale: read_delivery with 10,000 and with PDVAULT_LOAD_MAX_SUBJECTS loaded.
-    {
+    if opts.runs("scale") {
         let mut s = Vault::start(&opts, |c| c).await?;
         for &n in &opts.scale {
             let before = s.disk_bytes();
@@ -1192,7 +1214,7 @@ async fn run(opts: Opts) -> Res {
     }));
 
     // 4. The postgres backend, one node then two, against the sled figures of 1.
-    if opts.postgres {
+    if opts.postgres && opts.runs("postgres") {
         postgres_section(&opts, (&delivery, &create), &mut report).await?;
     }
     Ok(())
