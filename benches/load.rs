@@ -116,7 +116,7 @@ impl Opts {
 
     /// Whether the part named `part` is to run.
     fn runs(&self, part: &str) -> bool {
-        self.only.as_ref().map_or(true, |o| o.iter().any(|p| p == part))
+        self.only.as_ref().is_none_or(|o| o.iter().any(|p| p == part))
     }
 }
 
@@ -1126,7 +1126,8 @@ async fn run(opts: Opts) -> Res {
         Scenario::Create,
         Scenario::BatchCreate1000,
     ] {
-        if !opts.runs(s.name()) && !(s == Scenario::ReadDelivery && opts.runs("read_delivery_audit_unflushed")) {
+        let unflushed = s == Scenario::ReadDelivery && opts.runs("read_delivery_audit_unflushed");
+        if !(opts.runs(s.name()) || unflushed) {
             continue;
         }
         for (i, conns) in CONNS.into_iter().enumerate() {
