@@ -12,9 +12,6 @@
 //!   the key epochs (`master.key`, or their record in a keys database) fails;
 //! - `PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE=PATH`: while PATH exists, the audit
 //!   log's `fdatasync` waits (so a test can see that no answer leaves before it);
-//! - `PDVAULT_FAULT_AUDIT_INDEX_HOLD_FILE=PATH`: while PATH exists, the
-//!   access-log indexer waits before writing (so a test can see that readers
-//!   of the index wait for it, and answers do not);
 //! - `PDVAULT_FAULT_TOKEN_FILL_PAUSE=CALLER:MS`: a token lookup of that caller
 //!   pauses MS milliseconds between loading the record and caching it.
 

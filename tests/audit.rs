@@ -62,16 +62,6 @@ fn log_text(s: &Server) -> String {
     }
 }
 
-/// The request ids of an access-log page's entries.
-fn access_log_request_ids(page: &Value) -> Vec<&str> {
-    page["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["request_id"].as_str().unwrap_or(""))
-        .collect()
-}
-
 fn entries_for<'a>(entries: &'a [Value], rid: &str) -> Vec<&'a Value> {
     entries.iter().filter(|e| e["request_id"] == rid).collect()
 }
@@ -783,7 +773,12 @@ async fn acknowledged_entry_survives_kill9() {
     let (_, auditor) = issue(&s, "auditor", &[], &["audit"]).await;
     let r = s.get(&format!("{path}/access-log"), &auditor, None).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let rids = access_log_request_ids(&r.body);
+    let rids: Vec<&str> = r.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap_or(""))
+        .collect();
     assert!(rids.contains(&"t4-read-before-crash"), "{}", r.text);
 }
 
@@ -1471,62 +1466,4 @@ async fn torn_last_line_is_dropped_on_restart() {
     assert_eq!(e.len(), 1);
     let (code, out, err) = verify(&s);
     assert_eq!(code, 0, "{out}{err}");
-}
-
-/// The access-log index is written behind the chain (off the answer's
-/// path), so the access log waits until the index holds every release
-/// answered before it: held indexer, read answered, access log waits, and
-/// lists the read once the indexer runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_waits_for_the_index_and_reads_do_not() {
-    if audit_files_only("access_log_waits_for_the_index_and_reads_do_not") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let hold = dir.path().join("hold-audit-index");
-    let hold_s = hold.to_str().unwrap().to_string();
-    let s = std::sync::Arc::new(
-        Server::start_with(None, vec![("PDVAULT_FAULT_AUDIT_INDEX_HOLD_FILE", hold_s.as_str())]).await,
-    );
-    let (_, writer) = issue(&s, "signup", &["order"], &["write"]).await;
-    let (_, courier) = issue(&s, "courier-kazpost", &["delivery"], &["read"]).await;
-    let (_, auditor) = issue(&s, "dpo-auditor", &[], &["audit"]).await;
-    let id = s.create(&writer, full_subject()).await;
-    let path = format!("/v1/subjects/{id}");
-
-    std::fs::write(&hold, b"").unwrap();
-    let r = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        call_rid(
-            &s,
-            Method::GET,
-            &path,
-            &courier,
-            Some("delivery"),
-            "t5-held-read",
-            None,
-            None,
-        ),
-    )
-    .await
-    .expect("a read does not wait for the access-log index");
-    assert_eq!(r.status, 200, "{}", r.text);
-
-    let log = {
-        let (s, auditor, path) = (s.clone(), auditor.clone(), path.clone());
-        tokio::spawn(async move { s.get(&format!("{path}/access-log"), &auditor, None).await })
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    assert!(
-        !log.is_finished(),
-        "the access log answered while the index did not yet hold a release answered before it"
-    );
-    std::fs::remove_file(&hold).unwrap();
-    let r = tokio::time::timeout(std::time::Duration::from_secs(20), log)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text);
-    let rids = access_log_request_ids(&r.body);
-    assert!(rids.contains(&"t5-held-read"), "{}", r.text);
 }

@@ -4,11 +4,9 @@
 //! `base.json`, and the last checkpoint (the anchor) in the keys directory.
 //!
 //! The committer hands each group of entries to [`FileSink`]: one `write` of
-//! all their lines and one `fdatasync`. Their access-log records then go to
-//! the indexer thread, which writes them to the data store in batches while
-//! the committer goes on with the next group (derived data, rebuilt from
-//! the log at the next start if lost); readers of the index wait until it
-//! covers the chain's head (`Indexed::settle`).
+//! all their lines, one `fdatasync`, then their access-log records in one
+//! batch of the data store (derived data, rebuilt from the log at the next
+//! start if lost).
 
 use super::*;
 use std::fs::File;
@@ -36,43 +34,7 @@ pub(super) struct FileSink {
     /// Set when an `fdatasync` failed: what the kernel dropped cannot be
     /// known, so the log takes no entry until restart.
     poisoned: Arc<AtomicBool>,
-    /// The indexer: the last seq of each durable group, with its records.
-    indexer: std::sync::mpsc::Sender<(u64, Commit)>,
-}
-
-/// How far the access-log index has caught up with the chain.
-#[derive(Clone)]
-pub(super) struct Indexed(tokio::sync::watch::Receiver<u64>);
-
-impl Indexed {
-    /// Returns once the index holds every entry up to `seq`.
-    pub(super) async fn settle(&self, seq: u64) {
-        let mut rx = self.0.clone();
-        // An error: the indexer stopped (shutdown); the index is what it is.
-        let _ = rx.wait_for(|done| *done >= seq).await;
-    }
-}
-
-/// Starts the thread that writes the access-log records of durable groups
-/// to `store`, every group waiting at once in one batch. A failed batch is
-/// logged and counted as done: the next start rebuilds it from the log.
-fn spawn_indexer(store: Store, from: u64) -> Result<(std::sync::mpsc::Sender<(u64, Commit)>, Indexed)> {
-    let (tx, rx) = std::sync::mpsc::channel::<(u64, Commit)>();
-    let (done, indexed) = tokio::sync::watch::channel(from);
-    std::thread::Builder::new().name("audit-index".into()).spawn(move || {
-        while let Ok((mut seq, mut c)) = rx.recv() {
-            for (s, more) in rx.try_iter() {
-                seq = s;
-                c.extend(more);
-            }
-            crate::faults::hold("PDVAULT_FAULT_AUDIT_INDEX_HOLD_FILE");
-            if let Err(e) = store.apply(&c) {
-                tracing::warn!(error = %e, "access-log index not updated; rebuilt from the log at the next start");
-            }
-            done.send_replace(seq);
-        }
-    })?;
-    Ok((tx, Indexed(indexed)))
+    store: Store,
 }
 
 impl Sink for FileSink {
@@ -114,9 +76,8 @@ impl Sink for FileSink {
                 c.insert(Space::Access, k, v);
             }
         }
-        if let Some(last) = entries.last() {
-            // Stopped only at shutdown, when nothing reads the index any more.
-            let _ = self.indexer.send((last.seq, c));
+        if let Err(e) = self.store.apply(&c) {
+            tracing::warn!(error = %e, "access-log index not updated; rebuilt from the log at the next start");
         }
         Ok(())
     }
@@ -137,7 +98,7 @@ pub(super) fn open(
     store: &Store,
     fsync: bool,
     poisoned: Arc<AtomicBool>,
-) -> Result<((u64, String), FileSink, Checkpoints, Indexed)> {
+) -> Result<((u64, String), FileSink, Checkpoints)> {
     let dir = data_dir.join("audit");
     crate::fsutil::create_private_dir(&dir)?;
     let path = dir.join("audit.log");
@@ -180,20 +141,19 @@ pub(super) fn open(
     }
     file.seek(SeekFrom::End(0))?;
     store.insert(Space::Meta, INDEXED, seq.to_be_bytes())?;
-    let (indexer, indexed) = spawn_indexer(store.clone(), seq)?;
     let sink = FileSink {
-        indexer,
         file,
         len: good_len,
         torn: false,
         fsync,
         poisoned,
+        store: store.clone(),
     };
     let checkpoints = Checkpoints {
         dir,
         keys_dir: keys_dir.to_owned(),
     };
-    Ok(((seq, head), sink, checkpoints, indexed))
+    Ok(((seq, head), sink, checkpoints))
 }
 
 impl Checkpoints {

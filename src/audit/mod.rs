@@ -201,9 +201,6 @@ pub struct AuditLog {
     /// Set by the file sink when an `fdatasync` failed.
     poisoned: Arc<AtomicBool>,
     fault_file: Option<PathBuf>,
-    /// The access-log index's progress, where it trails the chain (files);
-    /// `None` where it is written with the entries (a shared store).
-    indexed: Option<file::Indexed>,
 }
 
 impl AuditLog {
@@ -219,21 +216,16 @@ impl AuditLog {
             );
         }
         let poisoned = Arc::new(AtomicBool::new(false));
-        let (committer, checkpoints, indexed) = match place {
+        let (committer, checkpoints) = match place {
             Place::Files { data_dir, keys_dir } => {
-                let (head, sink, cps, indexed) = file::open(data_dir, keys_dir, store, fsync, poisoned.clone())?;
-                (
-                    Committer::spawn(head, None, sink)?,
-                    Checkpoints::File(cps),
-                    Some(indexed),
-                )
+                let (head, sink, cps) = file::open(data_dir, keys_dir, store, fsync, poisoned.clone())?;
+                (Committer::spawn(head, None, sink)?, Checkpoints::File(cps))
             }
             Place::Shared { store, keys } => {
                 let (head, sink, cps) = shared::open(store, keys, chain)?;
                 (
                     Committer::spawn(head, Some(chain.to_owned()), sink)?,
                     Checkpoints::Shared(cps),
-                    None,
                 )
             }
         };
@@ -242,18 +234,7 @@ impl AuditLog {
             checkpoints,
             poisoned,
             fault_file: crate::faults::armed_path("PDVAULT_FAULT_AUDIT_FILE"),
-            indexed,
         })
-    }
-
-    /// Returns once the access-log index holds every entry durable when
-    /// called: what reads the index (a subject's access log, an erasure's
-    /// "who received it") calls this first, so it sees every release
-    /// answered before it.
-    pub async fn settle(&self) {
-        if let Some(indexed) = &self.indexed {
-            indexed.settle(self.committer.head().0).await;
-        }
     }
 
     /// The chain `chain` in a shared store (unit tests of several chains).

@@ -257,13 +257,6 @@ impl Commit {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
-    /// Appends the changes and preconditions of `other`, which come after
-    /// this commit's.
-    pub fn extend(&mut self, other: Commit) {
-        self.ops.extend(other.ops);
-        self.expect.extend(other.expect);
-        self.has_events |= other.has_events;
-    }
     /// The preconditions, in key order (so that locks are taken in one order).
     pub fn expectations(&self) -> Vec<Expected<'_>> {
         let mut e: Vec<_> = self

@@ -87,8 +87,6 @@ impl Vault {
         let entry = self.ledger.append(id, &receipt, &signature)?;
         self.keystore.remove_all(id)?;
         self.keystore.flusher().sync().await?;
-        // Who received the subject's data is read from the access index.
-        self.audit.settle().await;
         let c = purge_subject(&self.store, &entry, &self.cfg.events)?;
         self.store.flusher.sync().await?;
         self.committed(&c);

@@ -532,7 +532,6 @@ impl Vault {
         .await?;
         self.record(vec![self.draft(ctx, Some(auth), "access_log", Some(id), vec![], None)])
             .await?;
-        self.audit.settle().await;
         let (entries, next) = crate::audit::access_page(&self.store, id, after, limit.clamp(1, 1000))?;
         Ok(json!({"id": id, "entries": entries, "next": next.map(|n| n.to_string())}))
     }
