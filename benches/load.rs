@@ -34,6 +34,7 @@
 //! - `PDVAULT_LOAD_SERVER_LOG` the servers' `PDVAULT_LOG` (default `warn`: the
 //!   per-request info line is not written, for the vault and baseline alike);
 //! - `PDVAULT_LOAD_POSTGRES=0` leaves the postgres backend out;
+//! - `PDVAULT_LOAD_BIN` the server binary to start (default: this build's);
 //! - `PDVAULT_LOAD_ONLY` a comma list of the parts to run (scenario names,
 //!   `read_delivery_audit_unflushed`, `baseline_tls`, `scale`, `postgres`);
 //!   unset runs everything. For a quick before/after of one path, e.g.
@@ -60,6 +61,12 @@ use std::time::{Duration, Instant};
 use tokio_rustls::TlsConnector;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pdvault");
+
+/// The server binary: this build's, or `PDVAULT_LOAD_BIN` (another build, to
+/// compare two in one session: `benches/ab_load.py`).
+fn bin() -> String {
+    std::env::var("PDVAULT_LOAD_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
 /// Subjects per `:batchCreate` request while loading, and connections loading.
 const LOAD_BATCH: usize = 1000;
 const LOAD_CONNS: usize = 8;
@@ -309,7 +316,7 @@ impl Server {
 
     fn spawn(&mut self, opts: &Opts, args: &[&str]) -> Res {
         let log = std::fs::File::create(&self.log).map_err(|e| e.to_string())?;
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("--config")
             .arg(&self.config)
             .arg("--data-dir")
@@ -326,7 +333,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("start {BIN}: {e}"))?;
+            .map_err(|e| format!("start {}: {e}", bin()))?;
         self.child = Some(child);
         Ok(())
     }
@@ -1102,6 +1109,7 @@ async fn run(opts: Opts) -> Res {
     eprintln!("load bench: results also in {}", report.path.display());
     report.emit(&json!({
         "machine": machine(),
+        "binary": bin(),
         "command": "cargo bench --bench load",
         "quick": opts.quick,
         "duration_s_per_scenario": opts.secs,
