@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 mod backup;
 mod postgres;
 mod sled;
+mod wal;
 
 /// A key space of a store. Names and numbers are stable: the names are the
 /// sled tree names and the tags of the backup stream, the numbers the
@@ -122,6 +123,10 @@ impl Space {
     pub fn from_name(n: &str) -> Option<Space> {
         Space::DATA.iter().chain(Space::KEYS).copied().find(|s| s.name() == n)
     }
+
+    pub fn from_u8(b: u8) -> Option<Space> {
+        Space::DATA.iter().chain(Space::KEYS).copied().find(|s| *s as u8 == b)
+    }
 }
 
 /// A precondition of a commit: the key holds this value (`None`: absent).
@@ -152,6 +157,11 @@ pub trait Backend: Send + Sync + 'static {
     /// only where the current value is `expected`. Returns how many were.
     fn swap(&self, s: Space, items: &[Swap]) -> Result<u64>;
     fn flush(&self) -> std::io::Result<()>;
+    /// Makes the engine's own files hold every write so far (where a log
+    /// stands in front of it, moves the log into it). Safe at any time.
+    fn checkpoint(&self) -> std::io::Result<()> {
+        self.flush()
+    }
     /// Whether other processes (other nodes) may write this store while
     /// this one runs: then nothing read may be cached, and what each node
     /// writes on its own account must be keyed apart.
@@ -167,7 +177,19 @@ pub type Swap = (Vec<u8>, Vec<u8>, Vec<u8>);
 /// answered by that one flush (group commit), so N concurrent writers cost
 /// one fsync, not N.
 pub struct Flusher {
-    tx: mpsc::Sender<Reply>,
+    tx: Option<mpsc::Sender<Reply>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Dropping the last handle ends the thread and waits for it, so that the
+/// store it flushes is closed (its files unlocked) when the drop returns.
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 type Reply = Box<dyn FnOnce(std::result::Result<(), (std::io::ErrorKind, String)>) + Send>;
@@ -182,7 +204,7 @@ impl Flusher {
         F: Fn() -> std::io::Result<()> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel::<Reply>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("flush-{name}"))
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
@@ -195,7 +217,17 @@ impl Flusher {
                 }
             })
             .expect("spawn flusher thread");
-        Flusher { tx }
+        Flusher {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn send(&self, reply: Reply) -> Result<()> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(reply).ok())
+            .ok_or_else(|| VaultError::internal("flusher stopped"))
     }
 
     /// Returns once everything written before the call is on disk.
@@ -204,9 +236,7 @@ impl Flusher {
         let reply: Reply = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        self.tx
-            .send(reply)
-            .map_err(|_| VaultError::internal("flusher stopped"))?;
+        self.send(reply)?;
         rx.await
             .map_err(|_| VaultError::internal("flusher stopped"))?
             .map_err(flush_error)
@@ -218,9 +248,7 @@ impl Flusher {
         let reply: Reply = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        self.tx
-            .send(reply)
-            .map_err(|_| VaultError::internal("flusher stopped"))?;
+        self.send(reply)?;
         rx.recv()
             .map_err(|_| VaultError::internal("flusher stopped"))?
             .map_err(flush_error)
@@ -367,9 +395,10 @@ impl Store {
     /// The embedded data store in `dir`, its page cache bounded to `cache_mib`.
     fn open_sled(dir: &Path, cache_mib: u64) -> Result<Store> {
         crate::fsutil::create_private_dir(dir)?;
+        let engine = sled::Engine::open(&dir.join("db"), Space::DATA, cache_mib)?;
         Ok(Store::over(
             "data",
-            Arc::new(sled::Engine::open(&dir.join("db"), Space::DATA, cache_mib)?),
+            Arc::new(wal::Logged::open(engine, &dir.join("db.wal"))?),
         ))
     }
 
@@ -423,6 +452,10 @@ impl Store {
             return Ok(());
         }
         self.engine.apply(c)
+    }
+    /// Brings the engine's files up to date (shutdown; `Backend::checkpoint`).
+    pub fn checkpoint(&self) -> Result<()> {
+        Ok(self.engine.checkpoint()?)
     }
     /// Applies a unit of work and returns once it is durable.
     pub async fn commit(&self, c: &Commit) -> Result<()> {
@@ -536,6 +569,7 @@ impl KeyStore {
 
     fn open_sled(keys_dir: &Path, cache_mib: u64) -> Result<KeyStore> {
         let engine = sled::Engine::open(&keys_dir.join("datakeys"), Space::KEYS, cache_mib)?;
+        let engine = wal::Logged::open(engine, &keys_dir.join("datakeys.wal"))?;
         Ok(KeyStore {
             store: Store::over("keys", Arc::new(engine)),
         })

@@ -2,8 +2,9 @@
 //! (`data/db` for the data store, `keys/datakeys` for the key store). The
 //! only module that names sled.
 //!
-//! sled runs with its periodic flush off: a write is durable when the group
-//! commit's `flush` returns, and only then is a 2xx answered.
+//! sled runs with its periodic flush off. The store puts the write-ahead
+//! log (`wal`) in front of it: a write is durable when the log's segment is
+//! synced, and sled's own flush runs only at the log's checkpoints.
 
 use super::{Backend, Commit, Entries, Space, Swap, Update};
 use crate::error::{Result, VaultError};
