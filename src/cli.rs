@@ -471,6 +471,9 @@ async fn serve(g: &Global, cfg: Config, dev: bool) -> CliResult {
     vault.store().flusher.sync().await.map_err(|e| e.to_string())?;
     // The final head is signed at shutdown.
     vault.audit_checkpoint().map_err(|e| format!("audit checkpoint: {e}"))?;
+    vault
+        .checkpoint_stores()
+        .map_err(|e| format!("store checkpoint: {e}"))?;
     tracing::info!("stopped");
     Ok(())
 }
