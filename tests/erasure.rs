@@ -152,38 +152,25 @@ fn keks(kr: &Keyring) -> Vec<(u32, Arc<Aead256>)> {
 /// Wrapped keys of `id` in the key store of a COPIED keys directory:
 /// (version, wrapped key).
 fn stored_wrapped(keys_copy: &Path, id: &str) -> Vec<(u64, WrappedKey)> {
-    let db = sled::open(keys_copy.join("datakeys")).expect("open copied key store");
-    let t = db.open_tree("wrapped").unwrap();
-    let mut prefix = id.as_bytes().to_vec();
-    prefix.push(0);
-    let mut out = vec![];
-    for kv in t.scan_prefix(prefix) {
-        let (k, v) = kv.unwrap();
-        let (kid, ver) = pdvault::storage::parse_dek_key(&k).unwrap();
-        assert_eq!(kid, id);
-        out.push((ver, postcard::from_bytes::<WrappedKey>(&v).unwrap()));
-    }
-    out
+    all_stored_wrapped(keys_copy)
+        .into_iter()
+        .filter(|(kid, _, _)| kid == id)
+        .map(|(_, ver, w)| (ver, w))
+        .collect()
 }
 
-/// Every wrapped key of the key store of a COPIED keys directory.
+/// Every wrapped key in a COPIED keys directory, as the vault finds it when
+/// it opens that copy (its write-ahead log applied).
 fn all_stored_wrapped(keys_copy: &Path) -> Vec<(String, u64, WrappedKey)> {
-    let db = sled::open(keys_copy.join("datakeys")).expect("open copied key store");
-    let t = db.open_tree("wrapped").unwrap();
-    t.iter()
-        .map(|kv| {
-            let (k, v) = kv.unwrap();
-            let (id, ver) = pdvault::storage::parse_dek_key(&k).unwrap();
-            (id.to_string(), ver, postcard::from_bytes::<WrappedKey>(&v).unwrap())
-        })
-        .collect()
+    let ks = pdvault::storage::KeyStore::open(keys_copy).expect("open copied key store");
+    ks.all().map(|r| r.unwrap()).collect()
 }
 
 /// The subject record in a COPIED data directory.
 fn stored_record(data_copy: &Path, id: &str) -> Option<SubjectRecord> {
-    let db = sled::open(data_copy.join("db")).expect("open copied data store");
-    let t = db.open_tree("subjects").unwrap();
-    t.get(id.as_bytes())
+    let store = pdvault::storage::Store::open(data_copy).expect("open copied data store");
+    store
+        .get(pdvault::storage::Space::Subjects, id)
         .unwrap()
         .map(|b| SubjectRecord::decode(&b).unwrap())
 }

@@ -178,6 +178,55 @@ async fn reads_racing_edits_and_erasures_see_one_whole_version() {
     }
 }
 
+// ----- 1b. acknowledged writes survive kill -9, in the order they were made --------------
+
+/// Creates and edits run concurrently, the server is killed right after the
+/// last answer, and the next start must show every acknowledged write, each
+/// subject at its last acknowledged edit. On sled the writes are then in the
+/// store's write-ahead log (sled's own files are flushed only at its
+/// checkpoints), so this is the log's replay at work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill9_in_order() {
+    let mut s = Server::start().await;
+    let tok = order_token(&s).await;
+    let ids: Vec<String> = futures_util::future::join_all(
+        (0..24).map(|i| s.create(&tok, json!({"surname": format!("Created{i}"), "phone": "87015550177"}))),
+    )
+    .await;
+    futures_util::future::join_all(ids.iter().enumerate().map(|(i, id)| {
+        let (s, tok) = (&s, &tok);
+        async move {
+            for n in 0..4 {
+                let r = patch(s, tok, id, json!({"surname": format!("Edit{i}x{n}")})).await;
+                assert_eq!(r.status, 200, "{}", r.text);
+            }
+        }
+    }))
+    .await;
+    s.kill9();
+    if !on_postgres() {
+        let wal = s.data_dir().join("db.wal");
+        let logged: u64 = std::fs::read_dir(&wal)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            logged > 0,
+            "nothing in the write-ahead log after a kill: the test would not replay"
+        );
+    }
+    s.spawn().await;
+    for (i, id) in ids.iter().enumerate() {
+        let r = s.get(&format!("/v1/subjects/{id}"), &tok, Some("order")).await;
+        assert_eq!(r.status, 200, "an acknowledged create was lost: {}", r.text);
+        assert_eq!(
+            r.body["fields"]["surname"],
+            json!(format!("Edit{i}x3")),
+            "subject {i} is not at its last acknowledged edit"
+        );
+    }
+}
+
 // ----- 2. and 3. grant uses: durable, and counted per release -------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,25 +568,26 @@ async fn forged_tokens_and_consents_on_disk_are_refused() {
     s.stop();
 
     {
-        let db = sled::open(s.data_dir().join("db")).unwrap();
+        // Written through the store as the vault opens it (its write-ahead
+        // log included), so the edits are what the next start finds.
+        use pdvault::storage::Space;
+        let db = pdvault::storage::Store::open(&s.data_dir()).unwrap();
         // Widen the courier's token: every purpose and capability, as JSON edits
         // that keep the stored MAC in front of it.
-        let tokens = db.open_tree("tokens").unwrap();
-        let stored = tokens.get(courier_id.as_bytes()).unwrap().unwrap().to_vec();
+        let stored = db.get(Space::Tokens, courier_id.as_bytes()).unwrap().unwrap();
         let at = 32; // the record's MAC comes first
         let mut rec: Value = serde_json::from_slice(&stored[at..]).unwrap();
         rec["purposes"] = json!(["order", "delivery", "erasure"]);
         rec["capabilities"] = json!(["read", "write", "erase", "admin", "audit", "grant"]);
         let mut forged = stored[..at].to_vec();
         forged.extend_from_slice(&serde_json::to_vec(&rec).unwrap());
-        tokens.insert(courier_id.as_bytes(), forged).unwrap();
+        db.insert(Space::Tokens, courier_id.as_bytes(), forged).unwrap();
         // Forge B's consent: copy A's (validly authenticated) record under B's key.
-        let consents = db.open_tree("consents").unwrap();
-        let (ka, va) = consents.scan_prefix(a.as_bytes()).next().unwrap().unwrap();
+        let (ka, va) = db.scan(Space::Consents, a.as_bytes()).next().unwrap().unwrap();
         let mut kb = b.as_bytes().to_vec();
         kb.extend_from_slice(&ka[a.len()..]);
-        consents.insert(kb, va.to_vec()).unwrap();
-        db.flush().unwrap();
+        db.insert(Space::Consents, kb, va).unwrap();
+        db.flusher.sync_blocking().unwrap();
     }
     s.spawn().await;
     let r = s.get("/v1/admin/tokens", &courier, None).await;
