@@ -18,10 +18,19 @@
 //! nothing after it was acknowledged. A bad record anywhere else is
 //! corruption and stops the open.
 //!
-//! Because a record is logged before the engine applies it, the engine's
-//! files never hold a change the log lacks (whatever the engine writes on
-//! its own between flushes), so replaying the log over them cannot tear a
-//! unit of work. The key store's log lives beside it in the keys
+//! Because a record is logged before the engine applies it, after a crash
+//! of the process the log holds every change the engine's files hold, and
+//! replaying it in order ends in the state of its last record. After a loss
+//! of power that is true of every acknowledged write, but not of one that
+//! was never acknowledged: the engine may have reached the disk with a
+//! change whose record did not (sled writes between flushes, and flushes at
+//! checkpoints), and replaying older records over it can leave that one
+//! unit partly applied (say, an edit's new index entries beside the record
+//! of the version before). The fix is a log position stored with each of
+//! the engine's batches, replay skipping what the engine has; not done (a
+//! second tree in every batch turns sled's batch into a transaction).
+//!
+//! The key store's log lives beside it in the keys
 //! directory: a wrapped key in a segment is covered by the key epochs as
 //! any other old copy is (README, "When an erasure becomes final").
 
