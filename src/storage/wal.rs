@@ -263,16 +263,21 @@ impl<B: Backend> Logged<B> {
         Ok(())
     }
 
-    /// Starts a new segment; returns the one that was current, and its number.
-    fn rotate(&self) -> Result<(Arc<File>, u64)> {
-        let mut seg = self.lock();
-        let no = seg.no + 1;
-        let file = Arc::new(crate::fsutil::create_private(&segment_path(&self.dir, no))?);
-        crate::fsutil::sync_dir(&self.dir)?;
-        let old = std::mem::replace(&mut seg.file, file);
-        seg.no = no;
-        seg.len = 0;
-        Ok((old, no - 1))
+    /// Starts a new segment, then syncs the one that was current (a failed
+    /// sync breaks the log); returns that one's number. The caller holds
+    /// `syncing`.
+    fn rotate(&self) -> std::io::Result<u64> {
+        let (old, old_no) = {
+            let mut seg = self.lock();
+            let no = seg.no + 1;
+            let file = crate::fsutil::create_private(&segment_path(&self.dir, no))?;
+            crate::fsutil::sync_dir(&self.dir)?;
+            seg.len = 0;
+            let old = std::mem::replace(&mut seg.file, Arc::new(file));
+            (old, std::mem::replace(&mut seg.no, no))
+        };
+        old.sync_data().inspect_err(|_| self.lock().broken = true)?;
+        Ok(old_no)
     }
 }
 
@@ -281,11 +286,7 @@ impl<B: Backend> Logged<B> {
     /// thread, once the records written to it since the last sync are synced.
     /// The caller holds `syncing`.
     fn start_checkpoint(&self) -> std::io::Result<()> {
-        let (old, upto) = self.rotate().map_err(std::io::Error::other)?;
-        if let Err(e) = old.sync_data() {
-            self.lock().broken = true;
-            return Err(e);
-        }
+        let upto = self.rotate()?;
         self.checkpoint
             .as_ref()
             .and_then(|tx| tx.send(upto).ok())
@@ -432,10 +433,7 @@ impl<B: Backend> Backend for Logged<B> {
         }
         let rotated = {
             let _syncing = self.syncing.lock().unwrap_or_else(|e| e.into_inner());
-            self.rotate().map_err(std::io::Error::other).and_then(|(old, upto)| {
-                old.sync_data().inspect_err(|_| self.lock().broken = true)?;
-                Ok(upto)
-            })
+            self.rotate()
         };
         let done = rotated.and_then(|upto| checkpoint(&*self.inner, &self.dir, upto).map_err(std::io::Error::other));
         self.checkpointing.store(false, Ordering::Release);
