@@ -515,6 +515,22 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Whether `hay` holds the personal value `value` as a value: where the
+/// value starts or ends with a digit, a match inside a longer number or hex
+/// string (a latency such as `0.8213050000000001`, a hash, a request id) is
+/// chance, not a leak of a postal code or phone number.
+pub fn holds_value(hay: &[u8], value: &str) -> bool {
+    let v = value.as_bytes();
+    let glued = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'.');
+    let (first_digit, last_digit) = (
+        v.first().is_some_and(u8::is_ascii_digit),
+        v.last().is_some_and(u8::is_ascii_digit),
+    );
+    hay.windows(v.len()).enumerate().any(|(i, w)| {
+        w == v && !(first_digit && i > 0 && glued(hay.get(i - 1))) && !(last_digit && glued(hay.get(i + v.len())))
+    })
+}
+
 /// Sends a signal with the `kill` command (no unsafe code in tests).
 pub fn unsafe_free_kill(pid: u32, sig: &str) {
     let _ = Command::new("kill")
