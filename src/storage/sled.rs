@@ -4,12 +4,20 @@
 //!
 //! sled runs with its periodic flush off. The store puts the write-ahead
 //! log (`wal`) in front of it: a write is durable when the log's segment is
-//! synced, and sled's own flush runs only at the log's checkpoints.
+//! synced, and sled's own flush runs only at the log's checkpoints. Each
+//! batch also records the log position of its unit of work, in the first
+//! tree it changes, so that a replay skips what sled already holds.
 
 use super::{Backend, Commit, Entries, Space, Swap, Update};
 use crate::error::{Result, VaultError};
 use ::sled::Transactional;
 use std::path::Path;
+
+/// Where a tree keeps the log position of the last unit of work marked in
+/// it, written in the same batch as that unit. Hidden from scans and counts.
+/// Stored keys are ids, hashes and names; none begins with two 0xff bytes
+/// followed by this text.
+const POSITION_KEY: &[u8] = b"\xff\xffpdvault:log-position";
 
 pub(super) struct Engine {
     db: ::sled::Db,
@@ -48,41 +56,9 @@ impl Engine {
         Ok(Engine { db, trees })
     }
 
-    fn tree(&self, s: Space) -> Result<&::sled::Tree> {
-        self.trees[s as usize]
-            .as_ref()
-            .ok_or_else(|| VaultError::internal(format!("no space {} in this store", s.name())))
-    }
-}
-
-impl Backend for Engine {
-    fn get(&self, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.tree(s)?.get(k).map_err(err)?.map(|v| v.to_vec()))
-    }
-
-    fn scan<'a>(&'a self, s: Space, prefix: &[u8], from: &[u8]) -> Entries<'a> {
-        let tree = match self.tree(s) {
-            Ok(t) => t,
-            Err(e) => return Box::new(std::iter::once(Err(e))),
-        };
-        let prefix = prefix.to_vec();
-        let start = if from > prefix.as_slice() {
-            from.to_vec()
-        } else {
-            prefix.clone()
-        };
-        Box::new(
-            tree.range(start..)
-                .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
-                .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(err)),
-        )
-    }
-
-    fn count(&self, s: Space) -> Result<u64> {
-        Ok(self.tree(s)?.len() as u64)
-    }
-
-    fn apply(&self, c: &Commit) -> Result<()> {
+    /// Applies `c` atomically; with `position`, the first tree it changes
+    /// (in `Space` order) also takes that position, in the same batch.
+    fn apply_marked(&self, c: &Commit, position: Option<u64>) -> Result<()> {
         let mut batches: std::collections::BTreeMap<Space, ::sled::Batch> = Default::default();
         for (s, k, v) in c.ops() {
             let b = batches.entry(s).or_default();
@@ -90,6 +66,9 @@ impl Backend for Engine {
                 Some(v) => b.insert(k, v),
                 None => b.remove(k),
             }
+        }
+        if let (Some(p), Some(b)) = (position, batches.values_mut().next()) {
+            b.insert(POSITION_KEY, &p.to_be_bytes());
         }
         let expect = c.expectations();
         if expect.is_empty() && batches.len() == 1 {
@@ -120,6 +99,46 @@ impl Backend for Engine {
             })
     }
 
+    fn tree(&self, s: Space) -> Result<&::sled::Tree> {
+        self.trees[s as usize]
+            .as_ref()
+            .ok_or_else(|| VaultError::internal(format!("no space {} in this store", s.name())))
+    }
+}
+
+impl Backend for Engine {
+    fn get(&self, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree(s)?.get(k).map_err(err)?.map(|v| v.to_vec()))
+    }
+
+    fn scan<'a>(&'a self, s: Space, prefix: &[u8], from: &[u8]) -> Entries<'a> {
+        let tree = match self.tree(s) {
+            Ok(t) => t,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        let prefix = prefix.to_vec();
+        let start = if from > prefix.as_slice() {
+            from.to_vec()
+        } else {
+            prefix.clone()
+        };
+        Box::new(
+            tree.range(start..)
+                .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+                .filter(|kv| kv.as_ref().map_or(true, |(k, _)| k != POSITION_KEY))
+                .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(err)),
+        )
+    }
+
+    fn count(&self, s: Space) -> Result<u64> {
+        let t = self.tree(s)?;
+        Ok(t.len() as u64 - u64::from(t.contains_key(POSITION_KEY).map_err(err)?))
+    }
+
+    fn apply(&self, c: &Commit) -> Result<()> {
+        self.apply_marked(c, None)
+    }
+
     fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>> {
         Ok(self.tree(s)?.fetch_and_update(k, f).map_err(err)?.map(|v| v.to_vec()))
     }
@@ -145,5 +164,29 @@ impl Backend for Engine {
             Err(::sled::Error::Io(e)) => Err(e),
             Err(e) => Err(std::io::Error::other(e)),
         }
+    }
+}
+
+impl super::wal::Positioned for Engine {
+    fn apply_at(&self, c: &Commit, position: u64) -> Result<()> {
+        self.apply_marked(c, Some(position))
+    }
+
+    fn position(&self, s: Space) -> Result<u64> {
+        match self.tree(s)?.get(POSITION_KEY).map_err(err)? {
+            None => Ok(0),
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| VaultError::internal(format!("corrupt log position in space {}", s.name()))),
+        }
+    }
+
+    fn spaces(&self) -> Vec<Space> {
+        (0..self.trees.len())
+            .filter(|i| self.trees[*i].is_some())
+            .filter_map(|i| Space::from_u8(i as u8))
+            .collect()
     }
 }

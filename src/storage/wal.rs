@@ -18,17 +18,19 @@
 //! nothing after it was acknowledged. A bad record anywhere else is
 //! corruption and stops the open.
 //!
-//! Because a record is logged before the engine applies it, after a crash
-//! of the process the log holds every change the engine's files hold, and
-//! replaying it in order ends in the state of its last record. After a loss
-//! of power that is true of every acknowledged write, but not of one that
-//! was never acknowledged: the engine may have reached the disk with a
-//! change whose record did not (sled writes between flushes, and flushes at
-//! checkpoints), and replaying older records over it can leave that one
-//! unit partly applied (say, an edit's new index entries beside the record
-//! of the version before). The fix is a log position stored with each of
-//! the engine's batches, replay skipping what the engine has; not done (a
-//! second tree in every batch turns sled's batch into a transaction).
+//! Each record carries its log position, and the engine stores the
+//! position with the record's batch, in the first space the batch changes
+//! (its marker). The engine applies a batch whole or not at all, and its
+//! files hold its batches in the order they were made, so a record is in
+//! the engine exactly when its marker space holds its position or a later
+//! one; the replay applies only the records that are not. After a crash of
+//! the process the engine holds a prefix of the log, and the replay
+//! completes it. After a loss of power the engine may hold units whose
+//! records never reached the disk (sled writes between flushes); they were
+//! never acknowledged, and replaying older records over them would leave
+//! such a unit partly applied (an edit's new index entries beside the
+//! record of the version before). Skipping what the engine holds keeps
+//! each unit whole.
 //!
 //! The key store's log lives beside it in the keys
 //! directory: a wrapped key in a segment is covered by the key epochs as
@@ -46,10 +48,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// A segment this large starts a checkpoint (and a new segment).
 pub(super) const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Record header: payload length and its CRC-32.
+/// Record header: payload length and its CRC-32. The payload starts with
+/// the record's position.
 const HEADER: usize = 8;
 
-pub(super) struct Logged<B: Backend> {
+/// What the log needs of its engine beyond [`Backend`]: a batch that also
+/// stores its record's position in the first space it changes (by `Space`
+/// order), and those positions read back.
+pub(super) trait Positioned: Backend {
+    fn apply_at(&self, c: &Commit, position: u64) -> Result<()>;
+    /// The position of the last record marked in `s` (0: none).
+    fn position(&self, s: Space) -> Result<u64>;
+    /// The spaces of this store.
+    fn spaces(&self) -> Vec<Space>;
+}
+
+pub(super) struct Logged<B: Positioned> {
     inner: Arc<B>,
     dir: PathBuf,
     log: Mutex<Segment>,
@@ -68,6 +82,8 @@ struct Segment {
     file: Arc<File>,
     no: u64,
     len: u64,
+    /// The position the next record takes.
+    next: u64,
     /// Set when a write could not be undone or a sync failed: from then on
     /// the log's state on disk is unknown, and every write is refused.
     broken: bool,
@@ -106,9 +122,10 @@ impl Segment {
     }
 }
 
-/// Encodes a unit of work's changes as one log record.
-fn encode<'a>(ops: impl Iterator<Item = (Space, &'a [u8], Option<&'a [u8]>)>) -> Vec<u8> {
+/// Encodes a unit of work's changes as one log record at `position`.
+fn encode<'a>(position: u64, ops: impl Iterator<Item = (Space, &'a [u8], Option<&'a [u8]>)>) -> Vec<u8> {
     let mut r = vec![0u8; HEADER];
+    r.extend_from_slice(&position.to_le_bytes());
     for (s, k, v) in ops {
         r.push(s as u8);
         r.push(v.is_some() as u8);
@@ -126,10 +143,10 @@ fn encode<'a>(ops: impl Iterator<Item = (Space, &'a [u8], Option<&'a [u8]>)>) ->
     r
 }
 
-/// The records of a segment, in order, as units of work. Stops at the end,
+/// The records of a segment, in order, as positions and units of work. Stops at the end,
 /// at zeroes, or at the first record that is cut short or fails its CRC:
 /// `Err(offset)` says where, when that is not the end of the data.
-fn decode(buf: &[u8]) -> (Vec<Commit>, std::result::Result<(), usize>) {
+fn decode(buf: &[u8]) -> (Vec<(u64, Commit)>, std::result::Result<(), usize>) {
     let mut out = vec![];
     let mut at = 0;
     while at + HEADER <= buf.len() {
@@ -153,7 +170,7 @@ fn decode(buf: &[u8]) -> (Vec<Commit>, std::result::Result<(), usize>) {
     (out, Ok(()))
 }
 
-fn parse(mut b: &[u8]) -> Option<Commit> {
+fn parse(mut b: &[u8]) -> Option<(u64, Commit)> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (h, t) = (b.get(..n)?, b.get(n..)?);
         *b = t;
@@ -163,6 +180,7 @@ fn parse(mut b: &[u8]) -> Option<Commit> {
         let n = u32::from_le_bytes(take(b, 4)?.try_into().ok()?) as usize;
         take(b, n)
     }
+    let position = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
     let mut c = Commit::default();
     while !b.is_empty() {
         let tag = take(&mut b, 2)?;
@@ -174,12 +192,12 @@ fn parse(mut b: &[u8]) -> Option<Commit> {
             _ => return None,
         }
     }
-    Some(c)
+    Some((position, c))
 }
 
-impl<B: Backend> Logged<B> {
+impl<B: Positioned> Logged<B> {
     /// Opens the log in `dir` over `inner`: applies what the segments there
-    /// hold, flushes the engine, and starts an empty segment.
+    /// hold and the engine does not, flushes the engine, and starts an empty segment.
     pub(super) fn open(inner: B, dir: &Path) -> Result<Logged<B>> {
         Logged::open_sized(inner, dir, SEGMENT_BYTES)
     }
@@ -187,6 +205,11 @@ impl<B: Backend> Logged<B> {
     pub(super) fn open_sized(inner: B, dir: &Path, segment_bytes: u64) -> Result<Logged<B>> {
         crate::fsutil::create_private_dir(dir)?;
         let found = segments(dir)?;
+        let mut positions = vec![0u64; Space::DATA.len() + Space::KEYS.len()];
+        for s in inner.spaces() {
+            positions[s as usize] = inner.position(s)?;
+        }
+        let mut last = positions.iter().copied().max().unwrap_or(0);
         for (i, no) in found.iter().enumerate() {
             let path = segment_path(dir, *no);
             let buf = std::fs::read(&path)?;
@@ -200,8 +223,9 @@ impl<B: Backend> Logged<B> {
                 }
                 tracing::warn!(segment = %path.display(), at, "write-ahead log ends in an unsynced or torn record; it was never acknowledged and is dropped");
             }
-            for c in &commits {
-                inner.apply(c)?;
+            for (p, c) in &commits {
+                replay(&inner, &mut positions, *p, c)?;
+                last = last.max(*p);
             }
         }
         if !found.is_empty() {
@@ -238,6 +262,7 @@ impl<B: Backend> Logged<B> {
                 file,
                 no,
                 len: 0,
+                next: last + 1,
                 broken: false,
             }),
             syncing: Mutex::new(()),
@@ -254,12 +279,13 @@ impl<B: Backend> Logged<B> {
 
     /// Logs `c` and applies it, both or neither. The caller holds the lock.
     fn log_and_apply(&self, seg: &mut Segment, c: &Commit) -> Result<()> {
-        let rec = encode(c.ops());
+        let rec = encode(seg.next, c.ops());
         seg.append(&rec)?;
-        if let Err(e) = self.inner.apply(c) {
+        if let Err(e) = self.inner.apply_at(c, seg.next) {
             seg.undo(rec.len());
             return Err(e);
         }
+        seg.next += 1;
         Ok(())
     }
 
@@ -281,7 +307,7 @@ impl<B: Backend> Logged<B> {
     }
 }
 
-impl<B: Backend> Logged<B> {
+impl<B: Positioned> Logged<B> {
     /// Starts the next segment and hands the full one to the checkpoint
     /// thread, once the records written to it since the last sync are synced.
     /// The caller holds `syncing`.
@@ -298,7 +324,7 @@ impl<B: Backend> Logged<B> {
 /// segments deleted, so the next open has nothing to replay and tools that
 /// read the engine's files find every write. Waits for a running checkpoint
 /// first, so that the engine is closed when the drop returns.
-impl<B: Backend> Drop for Logged<B> {
+impl<B: Positioned> Drop for Logged<B> {
     fn drop(&mut self) {
         self.checkpoint.take();
         if let Some(t) = self.checkpointer.take() {
@@ -312,6 +338,20 @@ impl<B: Backend> Drop for Logged<B> {
             tracing::error!(error = %e, "store checkpoint at close failed; the log is replayed at the next start");
         }
     }
+}
+
+/// Applies the record at `position` unless the engine holds it: its
+/// marker space (the first it changes) holds that position or a later one.
+fn replay<B: Positioned>(inner: &B, positions: &mut [u64], position: u64, c: &Commit) -> Result<()> {
+    let Some(marker) = c.ops().map(|(s, ..)| s).min() else {
+        return Ok(());
+    };
+    if positions[marker as usize] >= position {
+        return Ok(());
+    }
+    inner.apply_at(c, position)?;
+    positions[marker as usize] = position;
+    Ok(())
 }
 
 /// The segment numbers present in `dir`, in order.
@@ -342,7 +382,7 @@ fn checkpoint<B: Backend>(inner: &B, dir: &Path, upto: u64) -> Result<()> {
     Ok(())
 }
 
-impl<B: Backend> Backend for Logged<B> {
+impl<B: Positioned> Backend for Logged<B> {
     fn get(&self, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
         self.inner.get(s, k)
     }
@@ -503,7 +543,7 @@ mod tests {
         let seg = segments(&b.path().join("db.wal")).unwrap()[0];
         let path = segment_path(&b.path().join("db.wal"), seg);
         let mut bytes = std::fs::read(&path).unwrap();
-        let torn = encode([(Space::Subjects, &b"s3"[..], Some(&b"x"[..]))].into_iter());
+        let torn = encode(99, [(Space::Subjects, &b"s3"[..], Some(&b"x"[..]))].into_iter());
         bytes.extend_from_slice(&torn[..torn.len() - 1]);
         std::fs::write(&path, bytes).unwrap();
 
@@ -516,12 +556,61 @@ mod tests {
         assert_eq!(segments(&b.path().join("db.wal")).unwrap(), vec![seg + 1]);
     }
 
+    /// A loss of power can leave the engine holding a unit of work whose
+    /// record never reached the disk. The replay of older records must not
+    /// be applied over it: the unit comes back whole (here: the newer one,
+    /// as the engine has it), and a write after the restart is not taken
+    /// for one the engine already holds.
+    #[test]
+    fn an_engine_ahead_of_the_log_keeps_each_unit_whole() {
+        let a = tempfile::tempdir().unwrap();
+        let l = open(a.path(), SEGMENT_BYTES);
+        put(&l, "s1", "v1");
+        l.flush().unwrap();
+        let synced = l.lock().len;
+        // The next unit changes s1's record and adds an index entry; the
+        // engine reaches the disk with it, its record does not.
+        let mut c = Commit::default();
+        c.insert(Space::Subjects, "s1", "v2");
+        c.insert(Space::Index, "ix-new", "v2");
+        l.apply(&c).unwrap();
+        l.inner.flush().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        crash_copy(a.path(), b.path());
+        let wal = b.path().join("db.wal");
+        let seg = segments(&wal).unwrap()[0];
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment_path(&wal, seg))
+            .unwrap();
+        f.set_len(synced).unwrap();
+        drop(f);
+
+        let r = open(b.path(), SEGMENT_BYTES);
+        let s1 = r.get(Space::Subjects, b"s1").unwrap();
+        let ix = r.get(Space::Index, b"ix-new").unwrap();
+        assert_eq!((s1.as_deref(), ix.as_deref()), (Some(&b"v2"[..]), Some(&b"v2"[..])));
+        assert_eq!(r.get(Space::Index, b"ix-s1").unwrap().as_deref(), Some(&b"v1"[..]));
+        // The position marks are no entries of their spaces.
+        assert_eq!(r.count(Space::Subjects).unwrap(), 1);
+        assert_eq!(r.scan(Space::Subjects, b"", b"").count(), 1);
+        assert_eq!(r.count(Space::Index).unwrap(), 2);
+
+        put(&r, "s5", "w");
+        r.flush().unwrap();
+        let c2 = tempfile::tempdir().unwrap();
+        crash_copy(b.path(), c2.path());
+        drop(r);
+        let r2 = open(c2.path(), SEGMENT_BYTES);
+        assert_eq!(r2.get(Space::Subjects, b"s5").unwrap().as_deref(), Some(&b"w"[..]));
+    }
+
     #[test]
     fn a_corrupt_completed_segment_stops_the_open() {
         let a = tempfile::tempdir().unwrap();
         let dir = a.path().join("db.wal");
         std::fs::create_dir_all(&dir).unwrap();
-        let mut rec = encode([(Space::Subjects, &b"s1"[..], Some(&b"v"[..]))].into_iter());
+        let mut rec = encode(1, [(Space::Subjects, &b"s1"[..], Some(&b"v"[..]))].into_iter());
         let last = rec.len() - 1;
         rec[last] ^= 1;
         std::fs::write(segment_path(&dir, 1), &rec).unwrap();
