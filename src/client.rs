@@ -396,6 +396,14 @@ impl Client {
             .await
     }
 
+    /// `DELETE /v1/self/session`: ends the session whose token this client
+    /// holds (sign-out); the token is refused from then on.
+    pub async fn end_self_session(&self) -> Result<()> {
+        self.send(self.request(Method::DELETE, "/v1/self/session", None))
+            .await
+            .map(|_| ())
+    }
+
     // ----- admin ------------------------------------------------------------------
 
     /// `POST /v1/admin/tokens`.

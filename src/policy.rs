@@ -76,6 +76,9 @@ pub enum Action {
     MintGrant,
     /// Token administration, key rotation, backup, metrics: `admin` alone.
     Admin,
+    /// A self-service session ends itself (sign-out): the session alone,
+    /// no purpose, no capability.
+    EndSession,
 }
 
 impl Action {
@@ -91,6 +94,7 @@ impl Action {
             Action::AccessLog => "access_log",
             Action::MintGrant => "grant",
             Action::Admin => "admin",
+            Action::EndSession => "end_session",
         }
     }
 }
@@ -163,7 +167,8 @@ fn capability_for(action: Action) -> Capability {
         Action::Create | Action::Write | Action::ConsentWrite => Capability::Write,
         Action::Erase => Capability::Erase,
         Action::MintGrant => Capability::Grant,
-        Action::Admin => Capability::Admin,
+        // `EndSession` is decided before any capability is asked for.
+        Action::Admin | Action::EndSession => Capability::Admin,
     }
 }
 
@@ -176,7 +181,7 @@ fn purpose_permits(p: &Purpose, action: Action) -> bool {
         Action::ConsentRead => p.write || p.needs_consent,
         Action::Erase => p.erase,
         Action::AccessLog => p.access_log,
-        Action::Admin => true,
+        Action::Admin | Action::EndSession => true,
     }
 }
 
@@ -205,6 +210,14 @@ impl Policy {
                 | Action::ConsentWrite
                 | Action::AccessLog
         );
+        if req.action == Action::EndSession {
+            return match session {
+                true => Ok(Allowed { fields: vec![] }),
+                false => Err(VaultError::CapabilityMissing(
+                    "only a self-service session can end itself".into(),
+                )),
+            };
+        }
         if session && !own_subject {
             return Err(VaultError::CapabilityMissing(
                 "a self-service session acts on its own subject only".into(),

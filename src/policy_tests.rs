@@ -422,3 +422,43 @@ fn a_self_service_session_erases_its_own_subject_and_does_nothing_beyond_it() {
         assert!(p.decide(&session.view(), &r).is_ok(), "{action:?}");
     }
 }
+
+/// Sign-out: a live self-service session may end itself, with or without a
+/// purpose; any other token, or a session already revoked or expired, may not.
+#[test]
+fn only_a_live_session_ends_itself() {
+    let p = policy();
+    let session = |revoked: bool, expires_at: u64| Tok {
+        revoked,
+        expires_at,
+        grant: Some(GrantScope {
+            subjects: vec!["s1".into()],
+            fields: vec![],
+            max_uses: None,
+            self_service: true,
+        }),
+        ..Tok::new(&["subject_access"], &[Capability::Read, Capability::Write])
+    };
+    let mut r = req(
+        "subject_access",
+        Action::EndSession,
+        SubjectState::NoSubject,
+        FieldsAsked::Named(&[]),
+    );
+    assert!(p.decide(&session(false, NOW + 1).view(), &r).is_ok());
+    r.purpose = None;
+    assert!(p.decide(&session(false, NOW + 1).view(), &r).is_ok());
+    let admin = Tok::new(&[], &[Capability::Admin]);
+    assert!(matches!(
+        p.decide(&admin.view(), &r),
+        Err(VaultError::CapabilityMissing(_))
+    ));
+    assert!(matches!(
+        p.decide(&session(true, NOW + 1).view(), &r),
+        Err(VaultError::TokenInvalid)
+    ));
+    assert!(matches!(
+        p.decide(&session(false, NOW).view(), &r),
+        Err(VaultError::TokenExpired)
+    ));
+}

@@ -394,3 +394,78 @@ async fn every_self_answer_carries_the_page_headers() {
     assert_eq!(r.headers["cache-control"], "no-store");
     let _: Value = r.body;
 }
+
+async fn read_as(s: &Server, id: &str, token: &str) -> common::Resp {
+    s.get(&format!("/v1/subjects/{id}"), token, Some("subject_access"))
+        .await
+}
+
+/// Sign-out ends the session in the vault, not only in the page: the token
+/// is revoked for good (a restart does not bring it back), only a session
+/// can end itself, and both decisions are in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_revokes_the_session_for_good() {
+    let mut s = Server::start().await;
+    let writer = s.token("order-service", &["order"], &["write", "read"]).await;
+    let id = s.create(&writer, full_subject()).await;
+    let shop_tok = shop(&s, 3600).await;
+    let me = open_session(&s, &shop_tok, &id).await;
+    assert_eq!(read_as(&s, &id, &me).await.status, 200);
+
+    // Another token cannot end anything, and is not ended itself.
+    let r = s.call(Method::DELETE, "/v1/self/session", &shop_tok, None, None).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["code"].as_str()),
+        (403, Some("capability_missing")),
+        "{}",
+        r.text
+    );
+    assert_eq!(read_as(&s, &id, &me).await.status, 200);
+
+    let r = s.call(Method::DELETE, "/v1/self/session", &me, None, None).await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert!(r.text.is_empty(), "{}", r.text);
+    let gone = read_as(&s, &id, &me).await;
+    assert_eq!(
+        (gone.status.as_u16(), gone.body["code"].as_str()),
+        (401, Some("token_invalid")),
+        "{}",
+        gone.text
+    );
+    let r = s.call(Method::DELETE, "/v1/self/session", &me, None, None).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+
+    // The typed client ends a session the same way.
+    let me2 = open_session(&s, &shop_tok, &id).await;
+    s.api_as(&me2).end_self_session().await.expect("sign-out");
+    assert_eq!(read_as(&s, &id, &me2).await.status, 401);
+
+    s.restart().await;
+    assert_eq!(
+        read_as(&s, &id, &me).await.status,
+        401,
+        "a restart brought the session back"
+    );
+    assert_eq!(read_as(&s, &id, &shop_tok).await.status, 200);
+
+    let ends: Vec<Value> = s
+        .audit_entries()
+        .into_iter()
+        .filter(|e| e["action"] == "self_session_end")
+        .collect();
+    let outcomes: Vec<(&str, &str)> = ends
+        .iter()
+        .map(|e| (e["outcome"].as_str().unwrap(), e["caller"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("refused", "shop-backend"),
+            ("allowed", "self-service"),
+            ("refused", "self-service"),
+            ("allowed", "self-service")
+        ],
+        "{ends:?}"
+    );
+    assert_eq!(ends[1]["subject"], id.as_str(), "{ends:?}");
+}

@@ -390,6 +390,29 @@ async fn a_used_link_and_an_expired_session_end_on_the_expired_screen() {
     b.until_text("value-given_name", |t| t.contains("Aigerim")).await;
     b.click("sign-out").await;
     b.until_visible("screen-signed-out").await;
+    // The sign-out also ended the session in the vault: the token the link
+    // opened is revoked (the page's call is not awaited: poll the audit log).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let entries = s.audit_entries();
+        let allowed = |action: &str| {
+            entries
+                .iter()
+                .filter(|e| e["action"] == action && e["outcome"] == "allowed" && e["subject"] == id.as_str())
+                .map(|e| e["target_token_id"].clone())
+                .collect::<Vec<_>>()
+        };
+        let (opened, ended) = (allowed("self_session"), allowed("self_session_end"));
+        if !ended.is_empty() {
+            assert_eq!(ended, opened, "the sign-out ended another session");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page's sign-out did not end the session in the vault"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     b.open(&url).await;
     b.until_visible("screen-expired").await;
     assert!(!b.visible("screen-main").await);

@@ -767,6 +767,31 @@ pub async fn self_session(State(st): S, a: Anonymous, JsonBody(b): JsonBody<Sess
     }
 }
 
+/// End a self-service session (sign out)
+///
+/// The session's own token only. Audited as `self_session_end`.
+///
+/// Revokes the session's token at once, on every node and for good (the revocation ledger, as `DELETE /v1/admin/tokens/{id}` does): the page's sign-out. Any other token: `403 capability_missing`.
+#[utoipa::path(
+    delete,
+    path = "/v1/self/session",
+    operation_id = "endSelfServiceSession",
+    tag = "self-service",
+    params(RequestIdHeader),
+    responses(
+        (status = 204, description = "The session is over: its token is refused from now on.", headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 401, response = apidoc::Unauthorized),
+        (status = 403, response = apidoc::Forbidden),
+        (status = 429, response = apidoc::TooManyRequests),
+        (status = 500, response = apidoc::InternalError),
+        (status = 503, response = apidoc::ServiceUnavailable)
+    ),
+)]
+pub async fn end_self_session(State(st): S, c: Caller) -> ApiResult {
+    st.vault.end_self_session(&c.ctx, &c.auth).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// Mint a delegated grant token
 ///
 /// Capability: `grant`.

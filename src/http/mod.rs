@@ -138,6 +138,7 @@ fn action_of(method: &axum::http::Method, route: &str) -> &'static str {
         ("GET", "/v1/admin/status") => "status",
         ("POST", "/v1/subjects/{id}/self-service-links") => "self_service_link",
         ("POST", "/v1/self/session") => "self_session",
+        ("DELETE", "/v1/self/session") => "self_session_end",
         ("GET", "/self" | "/self/" | "/self/{*path}") => "self_page",
         ("GET", "/metrics") => "metrics",
         _ => "unrouted",
@@ -277,7 +278,7 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(backup))
         .routes(routes!(status))
         .routes(routes!(self_service_link))
-        .routes(routes!(self_session))
+        .routes(routes!(self_session, end_self_session))
         .routes(routes!(selfpage::redirect))
         .routes(routes!(selfpage::index))
         .routes(routes!(selfpage::asset))

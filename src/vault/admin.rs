@@ -102,16 +102,8 @@ impl Vault {
 
     pub async fn revoke_token(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<TokenRecord> {
         self.admin(ctx, auth, "token_revoke").await?;
-        let _g = self.gate.read().await;
-        let mut c = Commit::default();
-        match self.tokens.revoke(&self.store, &self.keyring, id, now_secs(), &mut c)? {
-            Some((r, changed)) => {
-                if let Some(ev) = grant_revoked_event(&r).filter(|_| changed) {
-                    self.stage_event(&mut c, ev)?;
-                }
-                self.store.apply(&c)?;
-                self.store.flusher.sync().await?;
-                self.committed(&c);
+        match self.revoke_durably(id).await? {
+            Some(r) => {
                 self.record(vec![self.token_draft(ctx, auth, "token_revoke", None, vec![], id)])
                     .await?;
                 Ok(r)
@@ -121,6 +113,24 @@ impl Vault {
                 Err(self.refuse(ctx, auth, "token_revoke", None, vec![], e).await)
             }
         }
+    }
+
+    /// Revokes `id` (the ledger first, `Tokens::revoke`), stages its
+    /// `grant.revoked` event where it has one, and makes the change durable.
+    /// `None`: no such token.
+    pub(super) async fn revoke_durably(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let _g = self.gate.read().await;
+        let mut c = Commit::default();
+        let Some((r, changed)) = self.tokens.revoke(&self.store, &self.keyring, id, now_secs(), &mut c)? else {
+            return Ok(None);
+        };
+        if let Some(ev) = grant_revoked_event(&r).filter(|_| changed) {
+            self.stage_event(&mut c, ev)?;
+        }
+        self.store.apply(&c)?;
+        self.store.flusher.sync().await?;
+        self.committed(&c);
+        Ok(Some(r))
     }
 
     /// Dev mode: make sure the token text in `admin.token` works here.

@@ -124,6 +124,29 @@ impl Vault {
         Ok(out)
     }
 
+    /// `DELETE /v1/self/session`: the page's sign-out. The session's own
+    /// token ends it, revoked as any token is (the revocation ledger: no
+    /// restart or restored backup brings it back); any other token is
+    /// `403 capability_missing`.
+    pub async fn end_self_session(&self, ctx: &Ctx, auth: &Authenticated) -> Result<()> {
+        self.decide(
+            ctx,
+            auth,
+            Action::EndSession,
+            "self_session_end",
+            None,
+            SubjectState::NoSubject,
+            FieldsAsked::Named(&[]),
+        )
+        .await?;
+        let id = auth.record.id.clone();
+        let subject = auth.record.grant.as_ref().and_then(|g| g.subjects.first().cloned());
+        self.revoke_durably(&id).await?;
+        let mut draft = self.draft(ctx, Some(auth), "self_session_end", subject.as_deref(), vec![], None);
+        draft.target_token_id = Some(id);
+        self.record(vec![draft]).await
+    }
+
     /// Drops the codes of links never used (the scheduler, every tick).
     pub fn sweep_self_codes(&self, now: u64) -> Result<usize> {
         self.tokens.sweep_codes(&self.store, now)

@@ -4,7 +4,8 @@
 // Rules kept throughout:
 //  * every value from the server is inserted with textContent, never as HTML;
 //  * the session token lives only in the `session` variable below, never in
-//    a cookie or Web Storage, and is forgotten on sign-out, expiry or erasure;
+//    a cookie or Web Storage, and is forgotten on sign-out (which also revokes
+//    it in the vault), expiry or erasure;
 //  * every user-visible string comes from the i18n catalogues.
 "use strict";
 
@@ -793,9 +794,20 @@
 
   // ---- sign out ----------------------------------------------------------
 
+  // The vault revokes the session's token (DELETE /v1/self/session), so a
+  // copy of it left anywhere is refused too. The page forgets the session at
+  // once either way: a failed call leaves only a token that expires by itself.
   function signOut() {
+    const token = session && session.token;
     forgetSession();
     show("screen-signed-out");
+    if (!token) return;
+    fetch("/v1/self/session", {
+      method: "DELETE",
+      credentials: "omit",
+      cache: "no-store",
+      headers: { Authorization: `Bearer ${token}`, Accept: "application/problem+json" },
+    }).catch(() => {});
   }
 
   // ---- render ------------------------------------------------------------
