@@ -12,6 +12,9 @@
 //!   the key epochs (`master.key`, or their record in a keys database) fails;
 //! - `PDVAULT_FAULT_AUDIT_SYNC_HOLD_FILE=PATH`: while PATH exists, the audit
 //!   log's `fdatasync` waits (so a test can see that no answer leaves before it);
+//! - `PDVAULT_FAULT_BACKUP_HOLD_FILE=PATH`: while PATH exists, a backup
+//!   waits once its copy has begun (`PATH.held` appears), so a test can
+//!   write meanwhile;
 //! - `PDVAULT_FAULT_TOKEN_FILL_PAUSE=CALLER:MS`: a token lookup of that caller
 //!   pauses MS milliseconds between loading the record and caching it.
 
@@ -47,9 +50,15 @@ pub fn enospc() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Blocks while the hold file of `name` exists (checked every 10 ms).
+/// Blocks while the hold file of `name` exists (checked every 10 ms), and
+/// says so meanwhile with a file beside it, `<hold file>.held`.
 pub fn hold(name: &str) {
     if let Some(p) = armed_path(name) {
+        if p.exists() {
+            let mut held = p.clone().into_os_string();
+            held.push(".held");
+            let _ = std::fs::write(held, b"");
+        }
         while p.exists() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }

@@ -162,6 +162,19 @@ pub trait Backend: Send + Sync + 'static {
     fn checkpoint(&self) -> std::io::Result<()> {
         self.flush()
     }
+    /// Every entry of `spaces`, space by space in key order, as of one
+    /// moment: what a backup copies. This default scans, which is one
+    /// moment where no other process writes the store and the vault holds
+    /// its own writers off (the backup does).
+    fn scan_snapshot(&self, spaces: &[Space], each: &mut EachEntry<'_>) -> Result<()> {
+        for s in spaces {
+            for kv in self.scan(*s, &[], &[]) {
+                let (k, v) = kv?;
+                each(*s, &k, &v)?;
+            }
+        }
+        Ok(())
+    }
     /// Whether other processes (other nodes) may write this store while
     /// this one runs: then nothing read may be cached, and what each node
     /// writes on its own account must be keyed apart.
@@ -169,6 +182,9 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 }
+
+/// Called with each entry a snapshot scan finds: space, key, value.
+pub type EachEntry<'a> = dyn FnMut(Space, &[u8], &[u8]) -> Result<()> + 'a;
 
 /// Key, expected value, new value.
 pub type Swap = (Vec<u8>, Vec<u8>, Vec<u8>);
@@ -433,6 +449,10 @@ impl Store {
     pub fn scan(&self, s: Space, prefix: impl AsRef<[u8]>) -> Entries<'_> {
         let p = prefix.as_ref();
         self.engine.scan(s, p, p)
+    }
+    /// Every entry of `spaces` as of one moment (`Backend::scan_snapshot`).
+    fn scan_snapshot(&self, spaces: &[Space], each: &mut EachEntry<'_>) -> Result<()> {
+        self.engine.scan_snapshot(spaces, each)
     }
     /// Entries whose key starts with `prefix` and is `>= from`.
     pub fn scan_from(&self, s: Space, prefix: impl AsRef<[u8]>, from: impl AsRef<[u8]>) -> Entries<'_> {

@@ -15,7 +15,7 @@
 //!   a small runtime of its own and blocks the caller's thread (outside the
 //!   caller's executor, through `block_in_place`) until the database answers.
 
-use super::{Backend, Commit, Entries, Entry, Space, Swap, Update};
+use super::{Backend, Commit, EachEntry, Entries, Entry, Space, Swap, Update};
 use crate::config::StorageConfig;
 use crate::error::{Result, VaultError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -235,25 +235,34 @@ impl Engine {
     }
 
     fn page(&self, s: Space, lower: Vec<u8>, inclusive: bool, upper: Option<&[u8]>) -> Result<Vec<Entry>> {
-        self.block(async {
-            let c = self.client().await?;
-            let op = if inclusive { ">=" } else { ">" };
-            let sql = match upper {
-                Some(_) => format!(
-                    "SELECT k, v FROM pdvault_kv WHERE space = $1 AND k {op} $2 AND k < $3 ORDER BY k LIMIT {PAGE}"
-                ),
-                None => format!("SELECT k, v FROM pdvault_kv WHERE space = $1 AND k {op} $2 ORDER BY k LIMIT {PAGE}"),
-            };
-            let st = c.prepare_cached(&sql).await.map_err(db_error)?;
-            let id = s as i16;
-            let rows = match upper {
-                Some(u) => c.query(&st, &[&id, &lower, &u]).await,
-                None => c.query(&st, &[&id, &lower]).await,
-            }
-            .map_err(db_error)?;
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
+        self.block(async { page_on(&self.client().await?, s, lower, inclusive, upper).await })
     }
+}
+
+/// One page of a space's entries from `lower` (up to `upper`), on the
+/// connection `c` (inside its transaction, if one is open).
+async fn page_on(
+    c: &deadpool_postgres::Object,
+    s: Space,
+    lower: Vec<u8>,
+    inclusive: bool,
+    upper: Option<&[u8]>,
+) -> Result<Vec<Entry>> {
+    let op = if inclusive { ">=" } else { ">" };
+    let sql = match upper {
+        Some(_) => {
+            format!("SELECT k, v FROM pdvault_kv WHERE space = $1 AND k {op} $2 AND k < $3 ORDER BY k LIMIT {PAGE}")
+        }
+        None => format!("SELECT k, v FROM pdvault_kv WHERE space = $1 AND k {op} $2 ORDER BY k LIMIT {PAGE}"),
+    };
+    let st = c.prepare_cached(&sql).await.map_err(db_error)?;
+    let id = s as i16;
+    let rows = match upper {
+        Some(u) => c.query(&st, &[&id, &lower, &u]).await,
+        None => c.query(&st, &[&id, &lower]).await,
+    }
+    .map_err(db_error)?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 impl Drop for Engine {
@@ -380,6 +389,33 @@ impl Iterator for Scan<'_> {
 }
 
 impl Backend for Engine {
+    /// One `REPEATABLE READ` transaction for all of it: the other nodes go
+    /// on writing, and a backup must still be one moment of the database.
+    fn scan_snapshot(&self, spaces: &[Space], each: &mut EachEntry<'_>) -> Result<()> {
+        let c = self.block(self.client())?;
+        self.block(c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+            .map_err(db_error)?;
+        let mut walk = || -> Result<()> {
+            for s in spaces {
+                let mut next = Some((Vec::new(), true));
+                while let Some((lower, inclusive)) = next.take() {
+                    let rows = self.block(page_on(&c, *s, lower, inclusive, None))?;
+                    if rows.len() as i64 == PAGE {
+                        next = rows.last().map(|(k, _)| (k.clone(), false));
+                    }
+                    for (k, v) in &rows {
+                        each(*s, k, v)?;
+                    }
+                }
+            }
+            Ok(())
+        };
+        let walked = walk();
+        let end = if walked.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = self.block(c.batch_execute(end)).map_err(db_error);
+        walked.and(ended)
+    }
+
     fn shared(&self) -> bool {
         true
     }
