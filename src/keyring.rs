@@ -25,7 +25,7 @@
 //! and moved into place after, and `open` finishes (or drops) a move that a
 //! crash interrupted, so the two files never disagree on the passphrase.
 
-use crate::crypto::{derive_key, Aead256, ReceiptKey, SecretKey};
+use crate::crypto::{derive_key, Aead256, MacKey, ReceiptKey, SecretKey};
 use crate::fsutil::{now_secs, write_atomic};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -181,6 +181,8 @@ pub struct EpochInfo {
 /// The keys derived from the root secret (stable across KEK rotations).
 struct Derived {
     index: SecretKey,
+    /// `index`, prepared for the blind-index HMAC of every create and lookup.
+    index_mac: MacKey,
     pseudonym: SecretKey,
     token: SecretKey,
     record_mac: SecretKey,
@@ -188,8 +190,10 @@ struct Derived {
 
 impl Derived {
     fn from_root(root: &SecretKey) -> Derived {
+        let index = derive_key(root, "blind-index").pinned();
         Derived {
-            index: derive_key(root, "blind-index").pinned(),
+            index_mac: MacKey::new(&index),
+            index,
             pseudonym: derive_key(root, "pseudonym").pinned(),
             token: derive_key(root, "token-hash").pinned(),
             record_mac: derive_key(root, "record-mac").pinned(),
@@ -903,6 +907,9 @@ impl Keyring {
 
     pub fn index_key(&self) -> &SecretKey {
         &self.derived.index
+    }
+    pub fn index_mac(&self) -> &MacKey {
+        &self.derived.index_mac
     }
     pub fn pseudonym_key(&self) -> &SecretKey {
         &self.derived.pseudonym

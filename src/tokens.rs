@@ -16,7 +16,7 @@
 //! for the token and each of its ancestors; so a stale cache entry, a restored
 //! backup or an old copy of the data cannot bring a revoked token back.
 
-use crate::crypto::{ct_eq, hmac_parts, random_bytes, RecordMac, SecretKey};
+use crate::crypto::{ct_eq, random_bytes, MacKey, RecordMac, SecretKey};
 use crate::error::{Result, VaultError};
 use crate::ledger::Ledger;
 use crate::policy::{Capability, GrantScope, TokenView};
@@ -114,7 +114,8 @@ impl Authenticated {
 }
 
 pub struct Tokens {
-    key: SecretKey,
+    /// Hashes token texts and link codes.
+    key: MacKey,
     mac: RecordMac,
     cache: RwLock<HashMap<[u8; 32], Arc<TokenRecord>>>,
     /// The store is shared with other nodes: no record is served from this
@@ -149,7 +150,7 @@ impl Tokens {
         revoked: impl IntoIterator<Item = String>,
     ) -> Tokens {
         Tokens {
-            key: SecretKey::from_bytes(key.expose_secret()).expect("32 bytes"),
+            key: MacKey::new(key),
             mac: RecordMac::new(SecretKey::from_bytes(mac_key.expose_secret()).expect("32 bytes")),
             cache: RwLock::new(HashMap::new()),
             shared: false,
@@ -166,7 +167,7 @@ impl Tokens {
     }
 
     fn hash(&self, text: &str) -> [u8; 32] {
-        hmac_parts(self.key.expose_secret(), &[b"pdvault-token-v1", text.as_bytes()])
+        self.key.parts(&[b"pdvault-token-v1", text.as_bytes()])
     }
 
     fn encode(&self, rec: &TokenRecord) -> Vec<u8> {
@@ -409,7 +410,7 @@ pub struct SelfCode {
 
 impl Tokens {
     fn code_key(&self, text: &str) -> [u8; 32] {
-        hmac_parts(self.key.expose_secret(), &[b"pdvault-self-code-v1", text.as_bytes()])
+        self.key.parts(&[b"pdvault-self-code-v1", text.as_bytes()])
     }
 
     /// Stores a code under a keyed hash of its text (never the text), MACed

@@ -15,7 +15,7 @@
 
 use crate::audit::{AuditLog, Draft};
 use crate::config::Config;
-use crate::crypto::{hmac_parts, Aead256, DataKey, Plaintext};
+use crate::crypto::{Aead256, DataKey, Plaintext};
 use crate::error::{Result, VaultError};
 use crate::events::NewEvent;
 use crate::fields::{normalize, FieldType};
@@ -587,11 +587,10 @@ impl Vault {
     }
 
     fn index_key(&self, field: &str, normalized_json: &[u8]) -> Vec<u8> {
-        hmac_parts(
-            self.keyring.index_key().expose_secret(),
-            &[b"pdvault-index-v1", field.as_bytes(), normalized_json],
-        )
-        .to_vec()
+        self.keyring
+            .index_mac()
+            .parts(&[b"pdvault-index-v1", field.as_bytes(), normalized_json])
+            .to_vec()
     }
 
     fn indexed(&self, field: &str) -> bool {
