@@ -362,6 +362,9 @@ async fn locked_read(tx: &deadpool_postgres::Transaction<'_>, s: Space, k: &[u8]
 
 struct Scan<'a> {
     engine: &'a Engine,
+    /// The connection whose transaction every page is read in (a snapshot
+    /// scan); `None`: each page from the pool.
+    conn: Option<&'a deadpool_postgres::Object>,
     space: Space,
     upper: Option<Vec<u8>>,
     /// Where the next page starts, and whether that key itself is included.
@@ -374,7 +377,13 @@ impl Iterator for Scan<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() {
             let (lower, inclusive) = self.next.take()?;
-            match self.engine.page(self.space, lower, inclusive, self.upper.as_deref()) {
+            let page = match self.conn {
+                Some(c) => self
+                    .engine
+                    .block(page_on(c, self.space, lower, inclusive, self.upper.as_deref())),
+                None => self.engine.page(self.space, lower, inclusive, self.upper.as_deref()),
+            };
+            match page {
                 Ok(rows) => {
                     if rows.len() as i64 == PAGE {
                         self.next = rows.last().map(|(k, _)| (k.clone(), false));
@@ -397,15 +406,17 @@ impl Backend for Engine {
             .map_err(db_error)?;
         let mut walk = || -> Result<()> {
             for s in spaces {
-                let mut next = Some((Vec::new(), true));
-                while let Some((lower, inclusive)) = next.take() {
-                    let rows = self.block(page_on(&c, *s, lower, inclusive, None))?;
-                    if rows.len() as i64 == PAGE {
-                        next = rows.last().map(|(k, _)| (k.clone(), false));
-                    }
-                    for (k, v) in &rows {
-                        each(*s, k, v)?;
-                    }
+                let scan = Scan {
+                    engine: self,
+                    conn: Some(&c),
+                    space: *s,
+                    upper: None,
+                    next: Some((Vec::new(), true)),
+                    buf: VecDeque::new(),
+                };
+                for kv in scan {
+                    let (k, v) = kv?;
+                    each(*s, &k, &v)?;
                 }
             }
             Ok(())
@@ -436,6 +447,7 @@ impl Backend for Engine {
         let start = if from > prefix { from.to_vec() } else { prefix.to_vec() };
         Box::new(Scan {
             engine: self,
+            conn: None,
             space: s,
             upper: upper_bound(prefix),
             next: Some((start, true)),
