@@ -76,9 +76,9 @@ impl Sink for FileSink {
                 c.insert(Space::Access, k, v);
             }
         }
-        if let Err(e) = self.store.apply(&c) {
-            tracing::warn!(error = %e, "access-log index not updated; rebuilt from the log at the next start");
-        }
+        // Derived from the log, which is durable now: the index's writes
+        // go in batches (`Store::defer`), rebuilt from the log after a crash.
+        self.store.defer(c);
         Ok(())
     }
 }
@@ -112,6 +112,7 @@ pub(super) fn open(
         .get(Space::Meta, INDEXED)?
         .map(|b| crate::storage::read_u64(&b))
         .unwrap_or(0);
+    let mut reindex = Commit::default();
     {
         let mut r = BufReader::new(File::open(&path)?);
         let mut line = String::new();
@@ -126,7 +127,11 @@ pub(super) fn open(
                 .map_err(|_| VaultError::Internal(format!("audit log corrupt after seq {seq}")))?;
             if e.seq > indexed {
                 if let Some((k, v)) = access_record(&e, b"") {
-                    store.insert(Space::Access, k, v)?;
+                    reindex.insert(Space::Access, k, v);
+                }
+                // In units of a few thousand: one engine write each.
+                if reindex.len() >= 4096 {
+                    store.apply(&std::mem::take(&mut reindex))?;
                 }
             }
             off += n as u64;
@@ -140,6 +145,7 @@ pub(super) fn open(
         file.sync_all()?;
     }
     file.seek(SeekFrom::End(0))?;
+    store.apply(&reindex)?;
     store.insert(Space::Meta, INDEXED, seq.to_be_bytes())?;
     let sink = FileSink {
         file,

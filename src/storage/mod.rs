@@ -26,6 +26,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 mod backup;
+mod deferred;
 mod postgres;
 mod sled;
 mod wal;
@@ -124,6 +125,12 @@ impl Space {
         Space::DATA.iter().chain(Space::KEYS).copied().find(|s| s.name() == n)
     }
 
+    /// Whether the space is derived: rebuilt at start from what is durable
+    /// elsewhere, so that its writes may be deferred (`Store::defer`).
+    pub fn derived(self) -> bool {
+        matches!(self, Space::Access)
+    }
+
     pub fn from_u8(b: u8) -> Option<Space> {
         Space::DATA.iter().chain(Space::KEYS).copied().find(|s| *s as u8 == b)
     }
@@ -150,6 +157,11 @@ pub trait Backend: Send + Sync + 'static {
     fn scan<'a>(&'a self, s: Space, prefix: &[u8], from: &[u8]) -> Entries<'a>;
     fn count(&self, s: Space) -> Result<u64>;
     fn apply(&self, c: &Commit) -> Result<()>;
+    /// Applies writes to derived spaces only ([`Space::derived`]), which
+    /// need no durability: an engine with a log in front may bypass it.
+    fn apply_derived(&self, c: &Commit) -> Result<()> {
+        self.apply(c)
+    }
     /// Atomically replaces the value of `k` by `f(current)`; returns the
     /// previous value.
     fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>>;
@@ -301,6 +313,10 @@ impl Commit {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+    /// How many changes.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
     /// The preconditions, in key order (so that locks are taken in one order).
     pub fn expectations(&self) -> Vec<Expected<'_>> {
         let mut e: Vec<_> = self
@@ -383,6 +399,7 @@ pub fn check_config(s: &crate::config::StorageConfig) -> std::result::Result<(),
 pub struct Store {
     engine: Arc<dyn Backend>,
     pub flusher: Arc<Flusher>,
+    deferred: Arc<deferred::Deferred>,
 }
 
 impl Store {
@@ -393,7 +410,26 @@ impl Store {
                 crate::faults::enospc()?;
                 e.flush()
             })),
+            deferred: Arc::new(deferred::Deferred::new(name, engine.clone())),
             engine,
+        }
+    }
+
+    /// Writes to derived spaces only ([`Space::derived`]), given to the
+    /// engine later in batches, not durable: a crash may lose them, and the
+    /// start that follows rebuilds them. Every read of such a space sees them.
+    pub fn defer(&self, c: Commit) {
+        debug_assert!(c.ops().all(|(s, _, _)| s.derived()));
+        if !c.is_empty() {
+            self.deferred.add(c);
+        }
+    }
+
+    /// Before a read or write of `s`: the deferred writes reach the engine
+    /// first, when `s` is derived.
+    fn settle(&self, s: Space) {
+        if s.derived() {
+            self.deferred.settle();
         }
     }
 
@@ -440,6 +476,7 @@ impl Store {
     }
 
     pub fn get(&self, s: Space, k: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        self.settle(s);
         self.engine.get(s, k.as_ref())
     }
     pub fn contains(&self, s: Space, k: impl AsRef<[u8]>) -> Result<bool> {
@@ -448,14 +485,17 @@ impl Store {
     /// Entries whose key starts with `prefix`, in key order.
     pub fn scan(&self, s: Space, prefix: impl AsRef<[u8]>) -> Entries<'_> {
         let p = prefix.as_ref();
+        self.settle(s);
         self.engine.scan(s, p, p)
     }
     /// Every entry of `spaces` as of one moment (`Backend::scan_snapshot`).
     fn scan_snapshot(&self, spaces: &[Space], each: &mut EachEntry<'_>) -> Result<()> {
+        spaces.iter().for_each(|s| self.settle(*s));
         self.engine.scan_snapshot(spaces, each)
     }
     /// Entries whose key starts with `prefix` and is `>= from`.
     pub fn scan_from(&self, s: Space, prefix: impl AsRef<[u8]>, from: impl AsRef<[u8]>) -> Entries<'_> {
+        self.settle(s);
         self.engine.scan(s, prefix.as_ref(), from.as_ref())
     }
     /// Every key of a space starting with `prefix`.
@@ -463,6 +503,7 @@ impl Store {
         self.scan(s, prefix).map(|kv| kv.map(|(k, _)| k)).collect()
     }
     pub fn count(&self, s: Space) -> Result<u64> {
+        self.settle(s);
         self.engine.count(s)
     }
     /// Applies a unit of work atomically: after a crash all of it is there or
@@ -471,10 +512,16 @@ impl Store {
         if c.is_empty() {
             return Ok(());
         }
+        // A removal from a derived space lands after the writes deferred
+        // before it, not under them.
+        if c.ops().any(|(s, _, _)| s.derived()) {
+            self.deferred.settle();
+        }
         self.engine.apply(c)
     }
     /// Brings the engine's files up to date (shutdown; `Backend::checkpoint`).
     pub fn checkpoint(&self) -> Result<()> {
+        self.deferred.settle();
         Ok(self.engine.checkpoint()?)
     }
     /// Applies a unit of work and returns once it is durable.
@@ -501,10 +548,11 @@ impl Store {
     /// Removes a key and returns its value, atomically: of two concurrent
     /// takers, one gets it.
     pub fn take(&self, s: Space, k: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
-        self.engine.update(s, k.as_ref(), &mut |_| None)
+        self.update(s, k, &mut |_| None)
     }
     /// Atomic read-modify-write; returns the previous value.
     pub fn update(&self, s: Space, k: impl AsRef<[u8]>, f: Update<'_>) -> Result<Option<Vec<u8>>> {
+        self.settle(s);
         self.engine.update(s, k.as_ref(), f)
     }
 
@@ -513,6 +561,7 @@ impl Store {
         if items.is_empty() {
             return Ok(0);
         }
+        self.settle(s);
         self.engine.swap(s, items)
     }
 

@@ -408,6 +408,13 @@ impl<B: Positioned> Backend for Logged<B> {
         self.log_and_apply(&mut seg, c)
     }
 
+    /// Straight to the engine, neither logged nor under the log's lock: a
+    /// batch of the derived index does not hold the store's writers up,
+    /// and what a crash takes of it is rebuilt at start.
+    fn apply_derived(&self, c: &Commit) -> Result<()> {
+        self.inner.apply(c)
+    }
+
     fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>> {
         let mut seg = self.lock();
         let old = self.inner.get(s, k)?;
