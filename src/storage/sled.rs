@@ -139,6 +139,21 @@ impl Backend for Engine {
         self.apply_marked(c, None)
     }
 
+    /// Key by key, not as a batch: a sled batch takes sled's process-wide
+    /// write lock, which every `get` waits for (its read side), so one
+    /// batch of the derived index stalled every read for as long.
+    fn apply_derived(&self, c: &Commit) -> Result<()> {
+        for (s, k, v) in c.ops() {
+            let t = self.tree(s)?;
+            match v {
+                Some(v) => t.insert(k, v).map(drop),
+                None => t.remove(k).map(drop),
+            }
+            .map_err(err)?;
+        }
+        Ok(())
+    }
+
     fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>> {
         Ok(self.tree(s)?.fetch_and_update(k, f).map_err(err)?.map(|v| v.to_vec()))
     }

@@ -412,7 +412,7 @@ impl<B: Positioned> Backend for Logged<B> {
     /// batch of the derived index does not hold the store's writers up,
     /// and what a crash takes of it is rebuilt at start.
     fn apply_derived(&self, c: &Commit) -> Result<()> {
-        self.inner.apply(c)
+        self.inner.apply_derived(c)
     }
 
     fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>> {
