@@ -126,7 +126,13 @@ pub(super) fn open(
             let e: AuditEntry = serde_json::from_str(line.trim_end())
                 .map_err(|_| VaultError::Internal(format!("audit log corrupt after seq {seq}")))?;
             if e.seq > indexed {
-                if let Some((k, v)) = access_record(&e, b"") {
+                // An erased subject's index went with its data at the
+                // erasure; it does not come back.
+                let erased = match &e.subject {
+                    Some(s) => store.contains(Space::Erased, s)?,
+                    None => false,
+                };
+                if let (false, Some((k, v))) = (erased, access_record(&e, b"")) {
                     reindex.insert(Space::Access, k, v);
                 }
                 // In units of a few thousand: one engine write each.

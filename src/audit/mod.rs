@@ -503,7 +503,43 @@ pub fn checkpoint_message(seq: u64, head: &str, at: &str, prev: Option<&str>) ->
 
 #[cfg(test)]
 mod tests {
-    use super::AccessCursor;
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reindex_at_start_does_not_bring_back_an_erased_subjects_access_log() {
+        let d = tempfile::tempdir().unwrap();
+        let place = Place::Files {
+            data_dir: d.path().join("data"),
+            keys_dir: d.path().join("keys"),
+        };
+        std::fs::create_dir_all(d.path().join("keys")).unwrap();
+        let store = Store::open(&d.path().join("data")).unwrap();
+        let release = |subject: &str| Draft {
+            request_id: format!("r-{subject}"),
+            caller: Some("courier".into()),
+            token_id: None,
+            purpose: Some("delivery".into()),
+            action: "read".into(),
+            subject: Some(subject.into()),
+            fields: vec!["surname".into()],
+            code: None,
+            justification: None,
+            target_token_id: None,
+        };
+        let log = AuditLog::open(&place, &store, true, "").unwrap();
+        log.append(vec![release("gone"), release("kept")]).await.unwrap();
+        assert_eq!(received_by(&store, "gone").unwrap().len(), 1);
+        // The erasure marks the subject and removes its index.
+        let mut c = Commit::default();
+        c.insert(Space::Erased, "gone", b"{}");
+        forget_subject(&store, &mut c, "gone").unwrap();
+        store.apply(&c).unwrap();
+        drop(log);
+        // The next start re-indexes every entry since the last start.
+        let _log = AuditLog::open(&place, &store, true, "").unwrap();
+        assert!(received_by(&store, "gone").unwrap().is_empty());
+        assert_eq!(received_by(&store, "kept").unwrap().len(), 1);
+    }
 
     #[test]
     fn access_cursors_read_back_what_they_print_and_refuse_the_rest() {
