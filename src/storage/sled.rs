@@ -4,9 +4,25 @@
 //!
 //! sled runs with its periodic flush off. The store puts the write-ahead
 //! log (`wal`) in front of it: a write is durable when the log's segment is
-//! synced, and sled's own flush runs only at the log's checkpoints. Each
-//! batch also records the log position of its unit of work, in the first
-//! tree it changes, so that a replay skips what sled already holds.
+//! synced, and sled's own flush runs only at the log's checkpoints.
+//!
+//! A unit of work of up to [`INTENT_MAX`] bytes is applied key by key, not
+//! as a sled batch: each sled batch or transaction first seals sled's
+//! current IO buffer and writes it out with a `sync_file_range` that waits
+//! for the disk, which made every create cost a disk write of sled's own
+//! (README, "Benchmarks"). What a batch gave is kept another way:
+//! - whole to readers: the unit is applied under this engine's write lock,
+//!   which every read takes the read side of;
+//! - whole after a crash: the unit's log record goes first, into a tree of
+//!   its own (`log-intent`). sled recovers a prefix of what it was given,
+//!   so a unit it holds part of has its intent there, and the open applies
+//!   that intent again (`wal::Logged::open`): whether or not the log's copy
+//!   of the record reached the disk.
+//!
+//! A larger unit (a batch create) is one sled transaction, as before, with
+//! the log position of its record in the first tree it changes; the intent
+//! is removed after it (an older intent is ignored anyway), so that no
+//! tree keeps a copy of an old unit's values.
 
 use super::{Backend, Commit, Entries, Space, Swap, Update};
 use crate::error::{Result, VaultError};
@@ -19,10 +35,28 @@ use std::path::Path;
 /// followed by this text.
 const POSITION_KEY: &[u8] = b"\xff\xffpdvault:log-position";
 
+/// The tree, and its one key, holding the log record of the last unit of
+/// work applied key by key, written before that unit's changes.
+const INTENT_TREE: &[u8] = b"log-intent";
+const INTENT_KEY: &[u8] = b"last";
+
+/// The largest log record applied key by key; a larger one (a batch of
+/// subjects) is a sled transaction. Well under sled's inline item limit
+/// (a segment's quarter), so the intent never becomes a separate blob file.
+const INTENT_MAX: usize = 16 * 1024;
+
 pub(super) struct Engine {
     db: ::sled::Db,
     /// Trees by `Space` discriminant; `None` for the other store's spaces.
     trees: Vec<Option<::sled::Tree>>,
+    intent: ::sled::Tree,
+    /// Taken to write by a unit of work being applied, to read by every
+    /// read: a reader sees a unit whole or not at all.
+    applying: std::sync::RwLock<()>,
+    /// Test hook: a unit applied key by key stops after its first change
+    /// at this barrier, twice (so a test can read meanwhile).
+    #[cfg(test)]
+    mid_unit: std::sync::Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
 }
 
 fn err(e: ::sled::Error) -> VaultError {
@@ -53,12 +87,55 @@ impl Engine {
         for s in spaces {
             trees[*s as usize] = Some(db.open_tree(s.name()).map_err(err)?);
         }
-        Ok(Engine { db, trees })
+        let intent = db.open_tree(INTENT_TREE).map_err(err)?;
+        Ok(Engine {
+            db,
+            trees,
+            intent,
+            applying: std::sync::RwLock::new(()),
+            #[cfg(test)]
+            mid_unit: Default::default(),
+        })
+    }
+
+    fn reading(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.applying.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn writing(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.applying.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a unit of work key by key after its intent (its log
+    /// `record`), under the write lock.
+    fn apply_logged(&self, c: &Commit, record: &[u8]) -> Result<()> {
+        let _w = self.writing();
+        self.intent.insert(INTENT_KEY, record).map_err(err)?;
+        for (i, (s, k, v)) in c.ops().enumerate() {
+            let t = self.tree(s)?;
+            match v {
+                Some(v) => t.insert(k, v).map(drop),
+                None => t.remove(k).map(drop),
+            }
+            .map_err(err)?;
+            #[cfg(test)]
+            if i == 0 {
+                let hook = self.mid_unit.lock().unwrap().clone();
+                if let Some(b) = hook {
+                    b.wait();
+                    b.wait();
+                }
+            }
+            #[cfg(not(test))]
+            let _ = i;
+        }
+        Ok(())
     }
 
     /// Applies `c` atomically; with `position`, the first tree it changes
     /// (in `Space` order) also takes that position, in the same batch.
     fn apply_marked(&self, c: &Commit, position: Option<u64>) -> Result<()> {
+        let _w = self.writing();
         let mut batches: std::collections::BTreeMap<Space, ::sled::Batch> = Default::default();
         for (s, k, v) in c.ops() {
             let b = batches.entry(s).or_default();
@@ -108,6 +185,7 @@ impl Engine {
 
 impl Backend for Engine {
     fn get(&self, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        let _r = self.reading();
         Ok(self.tree(s)?.get(k).map_err(err)?.map(|v| v.to_vec()))
     }
 
@@ -122,8 +200,14 @@ impl Backend for Engine {
         } else {
             prefix.clone()
         };
+        let mut range = tree.range(start..);
+        // Each step under the read lock, as a `get` is.
+        let steps = std::iter::from_fn(move || {
+            let _r = self.reading();
+            range.next()
+        });
         Box::new(
-            tree.range(start..)
+            steps
                 .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
                 .filter(|kv| kv.as_ref().map_or(true, |(k, _)| k != POSITION_KEY))
                 .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(err)),
@@ -131,6 +215,7 @@ impl Backend for Engine {
     }
 
     fn count(&self, s: Space) -> Result<u64> {
+        let _r = self.reading();
         let t = self.tree(s)?;
         Ok(t.len() as u64 - u64::from(t.contains_key(POSITION_KEY).map_err(err)?))
     }
@@ -183,8 +268,18 @@ impl Backend for Engine {
 }
 
 impl super::wal::Positioned for Engine {
-    fn apply_at(&self, c: &Commit, position: u64) -> Result<()> {
-        self.apply_marked(c, Some(position))
+    fn apply_at(&self, c: &Commit, position: u64, record: &[u8]) -> Result<()> {
+        if record.len() <= INTENT_MAX {
+            self.apply_logged(c, record)
+        } else {
+            self.apply_marked(c, Some(position))?;
+            self.intent.remove(INTENT_KEY).map(drop).map_err(err)
+        }
+    }
+
+    fn intent(&self) -> Result<Option<Vec<u8>>> {
+        let _r = self.reading();
+        Ok(self.intent.get(INTENT_KEY).map_err(err)?.map(|v| v.to_vec()))
     }
 
     fn position(&self, s: Space) -> Result<u64> {
@@ -203,5 +298,72 @@ impl super::wal::Positioned for Engine {
             .filter(|i| self.trees[*i].is_some())
             .filter_map(|i| Space::from_u8(i as u8))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::wal::Positioned;
+    use super::*;
+    use std::sync::{mpsc, Arc, Barrier};
+    use std::time::Duration;
+
+    /// A unit applied key by key is whole to readers: a read of a key the
+    /// unit has already changed waits until the unit is complete.
+    #[test]
+    fn a_read_waits_for_the_unit_being_applied() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Arc::new(Engine::open(&d.path().join("db"), Space::DATA, 16).unwrap());
+        let hold = Arc::new(Barrier::new(2));
+        *e.mid_unit.lock().unwrap() = Some(hold.clone());
+        let writer = {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let mut c = Commit::default();
+                c.insert(Space::Subjects, "s1", "v1");
+                c.insert(Space::Index, "ix-s1", "v1");
+                e.apply_at(&c, 1, b"its record").unwrap();
+            })
+        };
+        hold.wait(); // the unit's first change is made, its second not
+        let (tx, rx) = mpsc::channel();
+        let reader = {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let s1 = e.get(Space::Subjects, b"s1").unwrap();
+                let ix = e.get(Space::Index, b"ix-s1").unwrap();
+                tx.send((s1, ix)).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_secs(1)).is_err(),
+            "a read returned while a unit was half applied"
+        );
+        hold.wait();
+        let (s1, ix) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!((s1.as_deref(), ix.as_deref()), (Some(&b"v1"[..]), Some(&b"v1"[..])));
+        writer.join().unwrap();
+        reader.join().unwrap();
+        assert_eq!(e.intent().unwrap().as_deref(), Some(&b"its record"[..]));
+        assert_eq!(e.count(Space::Subjects).unwrap(), 1);
+    }
+
+    /// A unit too large for an intent is one transaction, marked with its
+    /// position; the intent of the unit before it is removed, so no copy of
+    /// that unit's values stays in the intent tree.
+    #[test]
+    fn a_large_unit_is_marked_and_clears_the_intent() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Engine::open(&d.path().join("db"), Space::DATA, 16).unwrap();
+        let mut small = Commit::default();
+        small.insert(Space::Subjects, "s1", "v1");
+        e.apply_at(&small, 1, b"small record").unwrap();
+        assert_eq!(e.intent().unwrap().as_deref(), Some(&b"small record"[..]));
+        let mut large = Commit::default();
+        large.insert(Space::Index, "ix", "x");
+        e.apply_at(&large, 2, &vec![7u8; INTENT_MAX + 1]).unwrap();
+        assert_eq!(e.intent().unwrap(), None);
+        assert_eq!(e.position(Space::Index).unwrap(), 2);
+        assert_eq!(e.get(Space::Index, b"ix").unwrap().as_deref(), Some(&b"x"[..]));
     }
 }

@@ -18,19 +18,22 @@
 //! nothing after it was acknowledged. A bad record anywhere else is
 //! corruption and stops the open.
 //!
-//! Each record carries its log position, and the engine stores the
-//! position with the record's batch, in the first space the batch changes
-//! (its marker). The engine applies a batch whole or not at all, and its
-//! files hold its batches in the order they were made, so a record is in
-//! the engine exactly when its marker space holds its position or a later
-//! one; the replay applies only the records that are not. After a crash of
-//! the process the engine holds a prefix of the log, and the replay
-//! completes it. After a loss of power the engine may hold units whose
-//! records never reached the disk (sled writes between flushes); they were
-//! never acknowledged, and replaying older records over them would leave
-//! such a unit partly applied (an edit's new index entries beside the
-//! record of the version before). Skipping what the engine holds keeps
-//! each unit whole.
+//! Each record carries its log position, and the engine keeps, with what
+//! it applies, where it stands in the log ([`Positioned`]): the intent (the
+//! record of the last unit applied key by key, stored before that unit's
+//! changes) and the markers (the position of the last unit applied as one
+//! batch, in the first space it changes). The engine's files hold a prefix
+//! of what it was given, so at open every unit before the latest position
+//! found is whole in the engine, and only the unit of the intent may be
+//! partly there: the open applies the intent's changes again, then the
+//! records after that position. After a crash of the process that
+//! completes the log. After a loss of power the engine may hold units
+//! whose records never reached the disk (sled writes between flushes);
+//! they were never acknowledged, and replaying older records over them
+//! would leave such a unit partly applied (an edit's new index entries
+//! beside the record of the version before). Skipping what the engine
+//! holds, and completing its last unit from the intent, keeps each unit
+//! whole.
 //!
 //! The key store's log lives beside it in the keys
 //! directory: a wrapped key in a segment is covered by the key epochs as
@@ -56,9 +59,13 @@ const HEADER: usize = 8;
 /// stores its record's position in the first space it changes (by `Space`
 /// order), and those positions read back.
 pub(super) trait Positioned: Backend {
-    fn apply_at(&self, c: &Commit, position: u64) -> Result<()>;
+    /// Applies `c`, logged as `record` at `position`, whole to readers;
+    /// its preconditions were checked by the caller, under the log's lock.
+    fn apply_at(&self, c: &Commit, position: u64, record: &[u8]) -> Result<()>;
     /// The position of the last record marked in `s` (0: none).
     fn position(&self, s: Space) -> Result<u64>;
+    /// The record stored as the intent of the last unit applied key by key.
+    fn intent(&self) -> Result<Option<Vec<u8>>>;
     /// The spaces of this store.
     fn spaces(&self) -> Vec<Space>;
 }
@@ -205,11 +212,22 @@ impl<B: Positioned> Logged<B> {
     pub(super) fn open_sized(inner: B, dir: &Path, segment_bytes: u64) -> Result<Logged<B>> {
         crate::fsutil::create_private_dir(dir)?;
         let found = segments(dir)?;
-        let mut positions = vec![0u64; Space::DATA.len() + Space::KEYS.len()];
+        let mut last = 0;
         for s in inner.spaces() {
-            positions[s as usize] = inner.position(s)?;
+            last = last.max(inner.position(s)?);
         }
-        let mut last = positions.iter().copied().max().unwrap_or(0);
+        if let Some(rec) = inner.intent()? {
+            let (unit, end) = decode(&rec);
+            let (Ok([(p, c)]), Ok(())) = (<[_; 1]>::try_from(unit), end) else {
+                return Err(VaultError::internal("the engine's log intent is corrupt"));
+            };
+            if p > last {
+                inner.apply_at(&c, p, &rec)?;
+                last = p;
+            }
+        }
+        // Every record up to here is whole in the engine.
+        let held = last;
         for (i, no) in found.iter().enumerate() {
             let path = segment_path(dir, *no);
             let buf = std::fs::read(&path)?;
@@ -223,8 +241,8 @@ impl<B: Positioned> Logged<B> {
                 }
                 tracing::warn!(segment = %path.display(), at, "write-ahead log ends in an unsynced or torn record; it was never acknowledged and is dropped");
             }
-            for (p, c) in &commits {
-                replay(&inner, &mut positions, *p, c)?;
+            for (p, c) in commits.iter().filter(|(p, _)| *p > held) {
+                inner.apply_at(c, *p, &encode(*p, c.ops()))?;
                 last = last.max(*p);
             }
         }
@@ -281,7 +299,7 @@ impl<B: Positioned> Logged<B> {
     fn log_and_apply(&self, seg: &mut Segment, c: &Commit) -> Result<()> {
         let rec = encode(seg.next, c.ops());
         seg.append(&rec)?;
-        if let Err(e) = self.inner.apply_at(c, seg.next) {
+        if let Err(e) = self.inner.apply_at(c, seg.next, &rec) {
             seg.undo(rec.len());
             return Err(e);
         }
@@ -338,20 +356,6 @@ impl<B: Positioned> Drop for Logged<B> {
             tracing::error!(error = %e, "store checkpoint at close failed; the log is replayed at the next start");
         }
     }
-}
-
-/// Applies the record at `position` unless the engine holds it: its
-/// marker space (the first it changes) holds that position or a later one.
-fn replay<B: Positioned>(inner: &B, positions: &mut [u64], position: u64, c: &Commit) -> Result<()> {
-    let Some(marker) = c.ops().map(|(s, ..)| s).min() else {
-        return Ok(());
-    };
-    if positions[marker as usize] >= position {
-        return Ok(());
-    }
-    inner.apply_at(c, position)?;
-    positions[marker as usize] = position;
-    Ok(())
 }
 
 /// The segment numbers present in `dir`, in order.
@@ -528,6 +532,35 @@ mod tests {
         v
     }
 
+    /// The state a loss of power leaves: the engine as far as it reached
+    /// the disk (here: flushed), the log cut back to its last sync.
+    fn power_loss_copy(l: &Logged<Engine>, from: &Path, synced: u64) -> tempfile::TempDir {
+        l.inner.flush().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        crash_copy(from, b.path());
+        let wal = b.path().join("db.wal");
+        let seg = segments(&wal).unwrap()[0];
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment_path(&wal, seg))
+            .unwrap();
+        f.set_len(synced).unwrap();
+        b
+    }
+
+    /// Writes `s5` through `r` (opened on `dir`), crashes, and opens again:
+    /// the write must be found, not taken for one the engine already held.
+    fn after_a_write_and_a_crash(r: Logged<Engine>, dir: &Path) -> Logged<Engine> {
+        put(&r, "s5", "w");
+        r.flush().unwrap();
+        let c = tempfile::tempdir().unwrap();
+        crash_copy(dir, c.path());
+        drop(r);
+        let r2 = open(c.path(), SEGMENT_BYTES);
+        assert_eq!(r2.get(Space::Subjects, b"s5").unwrap().as_deref(), Some(&b"w"[..]));
+        r2
+    }
+
     fn put(l: &Logged<Engine>, k: &str, v: &str) {
         let mut c = Commit::default();
         c.insert(Space::Subjects, k, v);
@@ -563,6 +596,28 @@ mod tests {
         assert_eq!(segments(&b.path().join("db.wal")).unwrap(), vec![seg + 1]);
     }
 
+    /// `s1` written and synced; then an edit of `s1` that adds `ix-new`,
+    /// given to the engine by `apply`, reaches the engine's disk while its
+    /// log record does not (a loss of power). The open must find the edit
+    /// whole: the store opened on the copy, and the copy's directory.
+    fn edit_beyond_the_log(apply: impl FnOnce(&Logged<Engine>, &Commit)) -> (Logged<Engine>, tempfile::TempDir) {
+        let a = tempfile::tempdir().unwrap();
+        let l = open(a.path(), SEGMENT_BYTES);
+        put(&l, "s1", "v1");
+        l.flush().unwrap();
+        let synced = l.lock().len;
+        let mut c = Commit::default();
+        c.insert(Space::Subjects, "s1", "v2");
+        c.insert(Space::Index, "ix-new", "v2");
+        apply(&l, &c);
+        let b = power_loss_copy(&l, a.path(), synced);
+        let r = open(b.path(), SEGMENT_BYTES);
+        let s1 = r.get(Space::Subjects, b"s1").unwrap();
+        let ix = r.get(Space::Index, b"ix-new").unwrap();
+        assert_eq!((s1.as_deref(), ix.as_deref()), (Some(&b"v2"[..]), Some(&b"v2"[..])));
+        (r, b)
+    }
+
     /// A loss of power can leave the engine holding a unit of work whose
     /// record never reached the disk. The replay of older records must not
     /// be applied over it: the unit comes back whole (here: the newer one,
@@ -570,46 +625,30 @@ mod tests {
     /// for one the engine already holds.
     #[test]
     fn an_engine_ahead_of_the_log_keeps_each_unit_whole() {
-        let a = tempfile::tempdir().unwrap();
-        let l = open(a.path(), SEGMENT_BYTES);
-        put(&l, "s1", "v1");
-        l.flush().unwrap();
-        let synced = l.lock().len;
-        // The next unit changes s1's record and adds an index entry; the
-        // engine reaches the disk with it, its record does not.
-        let mut c = Commit::default();
-        c.insert(Space::Subjects, "s1", "v2");
-        c.insert(Space::Index, "ix-new", "v2");
-        l.apply(&c).unwrap();
-        l.inner.flush().unwrap();
-        let b = tempfile::tempdir().unwrap();
-        crash_copy(a.path(), b.path());
-        let wal = b.path().join("db.wal");
-        let seg = segments(&wal).unwrap()[0];
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(segment_path(&wal, seg))
-            .unwrap();
-        f.set_len(synced).unwrap();
-        drop(f);
-
-        let r = open(b.path(), SEGMENT_BYTES);
-        let s1 = r.get(Space::Subjects, b"s1").unwrap();
-        let ix = r.get(Space::Index, b"ix-new").unwrap();
-        assert_eq!((s1.as_deref(), ix.as_deref()), (Some(&b"v2"[..]), Some(&b"v2"[..])));
+        let (r, b) = edit_beyond_the_log(|l, c| l.apply(c).unwrap());
         assert_eq!(r.get(Space::Index, b"ix-s1").unwrap().as_deref(), Some(&b"v1"[..]));
         // The position marks are no entries of their spaces.
         assert_eq!(r.count(Space::Subjects).unwrap(), 1);
         assert_eq!(r.scan(Space::Subjects, b"", b"").count(), 1);
         assert_eq!(r.count(Space::Index).unwrap(), 2);
+        after_a_write_and_a_crash(r, b.path());
+    }
 
-        put(&r, "s5", "w");
-        r.flush().unwrap();
-        let c2 = tempfile::tempdir().unwrap();
-        crash_copy(b.path(), c2.path());
-        drop(r);
-        let r2 = open(c2.path(), SEGMENT_BYTES);
-        assert_eq!(r2.get(Space::Subjects, b"s5").unwrap().as_deref(), Some(&b"w"[..]));
+    /// sled writes between flushes, so a loss of power can leave it
+    /// holding part of a unit applied key by key, whose record never
+    /// reached the disk: the open completes the unit from its intent.
+    #[test]
+    fn a_unit_the_engine_holds_part_of_is_completed_from_its_intent() {
+        let (r, b) = edit_beyond_the_log(|l, c| {
+            // The engine gets the unit's intent and its first change only.
+            let p = l.lock().next;
+            let mut first = Commit::default();
+            first.insert(Space::Subjects, "s1", "v2");
+            l.inner.apply_at(&first, p, &encode(p, c.ops())).unwrap();
+        });
+        // The next write takes a position after the intent's.
+        let r2 = after_a_write_and_a_crash(r, b.path());
+        assert_eq!(r2.get(Space::Index, b"ix-new").unwrap().as_deref(), Some(&b"v2"[..]));
     }
 
     #[test]
