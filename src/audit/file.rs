@@ -136,7 +136,7 @@ pub(super) fn open(
                     reindex.insert(Space::Access, k, v);
                 }
                 // In units of a few thousand: one engine write each.
-                if reindex.len() >= 4096 {
+                if reindex.len() >= crate::storage::DERIVED_BATCH {
                     store.apply(&std::mem::take(&mut reindex))?;
                 }
             }

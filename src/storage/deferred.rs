@@ -15,7 +15,7 @@ use super::{Backend, Commit};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// How many writes make a batch.
-pub(super) const BATCH: usize = 4096;
+pub(crate) const BATCH: usize = 4096;
 /// How many may wait before the writer applies them itself.
 const MAX_PENDING: usize = 16 * BATCH;
 

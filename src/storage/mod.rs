@@ -27,6 +27,8 @@ use tokio::sync::oneshot;
 
 mod backup;
 mod deferred;
+/// How many derived writes make one engine write (the access-log index's batches).
+pub(crate) use deferred::BATCH as DERIVED_BATCH;
 mod postgres;
 mod sled;
 mod wal;

@@ -18,22 +18,27 @@
 //! nothing after it was acknowledged. A bad record anywhere else is
 //! corruption and stops the open.
 //!
-//! Each record carries its log position, and the engine keeps, with what
-//! it applies, where it stands in the log ([`Positioned`]): the intent (the
-//! record of the last unit applied key by key, stored before that unit's
-//! changes) and the markers (the position of the last unit applied as one
-//! batch, in the first space it changes). The engine's files hold a prefix
-//! of what it was given, so at open every unit before the latest position
-//! found is whole in the engine, and only the unit of the intent may be
-//! partly there: the open applies the intent's changes again, then the
-//! records after that position. After a crash of the process that
-//! completes the log. After a loss of power the engine may hold units
-//! whose records never reached the disk (sled writes between flushes);
-//! they were never acknowledged, and replaying older records over them
-//! would leave such a unit partly applied (an edit's new index entries
-//! beside the record of the version before). Skipping what the engine
-//! holds, and completing its last unit from the intent, keeps each unit
-//! whole.
+//! Each record carries its log position. The engine applies a unit of
+//! work key by key (whole to readers, not to a crash), and keeps an
+//! intent that says where it stands in the log ([`give`]): a record of up
+//! to [`Positioned::INTENT_MAX`] bytes is stored as the intent before its
+//! changes; a larger one (a batch of subjects) is synced in the log before
+//! the engine gets any of it, and after its changes the intent becomes its
+//! position alone. The engine's files hold a prefix of what it was given,
+//! so at open every unit before the intent's is whole in the engine, and
+//! only the intent's unit or the large unit after it may be partly there:
+//! the open applies the intent's changes again, then the log's records
+//! after its position (a partly applied large unit's among them, synced).
+//! After a crash of the process that completes the log. After a loss of
+//! power the engine may hold units whose records never reached the disk
+//! (sled writes between flushes); they were never acknowledged, and
+//! replaying older records over them would leave such a unit partly
+//! applied (an edit's new index entries beside the record of the version
+//! before). Skipping what the intent says the engine holds, and completing
+//! its last unit from the intent, keeps each unit whole.
+//!
+//! Stores written before the intent (2026-12-07) marked each sled batch
+//! with its position instead; the open reads those marks too.
 //!
 //! The key store's log lives beside it in the keys
 //! directory: a wrapped key in a segment is covered by the key epochs as
@@ -55,17 +60,17 @@ pub(super) const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// the record's position.
 const HEADER: usize = 8;
 
-/// What the log needs of its engine beyond [`Backend`]: a batch that also
-/// stores its record's position in the first space it changes (by `Space`
-/// order), and those positions read back.
+/// What the log needs of its engine beyond [`Backend`] (whose `apply`
+/// must be whole to readers): where it keeps the intent.
 pub(super) trait Positioned: Backend {
-    /// Applies `c`, logged as `record` at `position`, whole to readers;
-    /// its preconditions were checked by the caller, under the log's lock.
-    fn apply_at(&self, c: &Commit, position: u64, record: &[u8]) -> Result<()>;
-    /// The position of the last record marked in `s` (0: none).
-    fn position(&self, s: Space) -> Result<u64>;
-    /// The record stored as the intent of the last unit applied key by key.
+    /// The largest record kept as an intent.
+    const INTENT_MAX: usize;
+    /// Stores the intent, replacing the one before (see [`give`]).
+    fn set_intent(&self, record: &[u8]) -> Result<()>;
+    /// The intent last stored.
     fn intent(&self) -> Result<Option<Vec<u8>>>;
+    /// The position marked in `s` by an older version (0: none).
+    fn position(&self, s: Space) -> Result<u64>;
     /// The spaces of this store.
     fn spaces(&self) -> Vec<Space>;
 }
@@ -91,8 +96,10 @@ struct Segment {
     len: u64,
     /// The position the next record takes.
     next: u64,
-    /// Set when a write could not be undone or a sync failed: from then on
-    /// the log's state on disk is unknown, and every write is refused.
+    /// Set when a write could not be cut off, a sync failed or the engine
+    /// failed in a unit: from then on the state on disk is unknown (a
+    /// restart completes or drops what is half done), and every write is
+    /// refused.
     broken: bool,
 }
 
@@ -118,14 +125,6 @@ impl Segment {
         }
         self.len += rec.len() as u64;
         Ok(())
-    }
-
-    /// Cuts the last record off again (its change did not apply).
-    fn undo(&mut self, rec_len: usize) {
-        self.len -= rec_len as u64;
-        if self.file.set_len(self.len).is_err() {
-            self.broken = true;
-        }
     }
 }
 
@@ -222,7 +221,7 @@ impl<B: Positioned> Logged<B> {
                 return Err(VaultError::internal("the engine's log intent is corrupt"));
             };
             if p > last {
-                inner.apply_at(&c, p, &rec)?;
+                inner.apply(&c)?;
                 last = p;
             }
         }
@@ -230,6 +229,8 @@ impl<B: Positioned> Logged<B> {
         let held = last;
         for (i, no) in found.iter().enumerate() {
             let path = segment_path(dir, *no);
+            // Synced before the engine gets any of it, as [`give`] requires.
+            File::open(&path)?.sync_data()?;
             let buf = std::fs::read(&path)?;
             let (commits, end) = decode(&buf);
             if let Err(at) = end {
@@ -242,7 +243,7 @@ impl<B: Positioned> Logged<B> {
                 tracing::warn!(segment = %path.display(), at, "write-ahead log ends in an unsynced or torn record; it was never acknowledged and is dropped");
             }
             for (p, c) in commits.iter().filter(|(p, _)| *p > held) {
-                inner.apply_at(c, *p, &encode(*p, c.ops()))?;
+                give(&inner, c, *p, &encode(*p, c.ops()))?;
                 last = last.max(*p);
             }
         }
@@ -295,12 +296,20 @@ impl<B: Positioned> Logged<B> {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Logs `c` and applies it, both or neither. The caller holds the lock.
+    /// Logs `c` and applies it. The caller holds the lock.
     fn log_and_apply(&self, seg: &mut Segment, c: &Commit) -> Result<()> {
         let rec = encode(seg.next, c.ops());
         seg.append(&rec)?;
-        if let Err(e) = self.inner.apply_at(c, seg.next, &rec) {
-            seg.undo(rec.len());
+        if rec.len() > B::INTENT_MAX {
+            // Too large to keep twice: synced before the engine gets any of it.
+            if let Err(e) = seg.file.sync_data() {
+                seg.broken = true;
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = give(&*self.inner, c, seg.next, &rec) {
+            // The engine may hold part of the unit; the restart completes it.
+            seg.broken = true;
             return Err(e);
         }
         seg.next += 1;
@@ -355,6 +364,23 @@ impl<B: Positioned> Drop for Logged<B> {
         if let Err(e) = checkpoint(&*self.inner, &self.dir, seg.no) {
             tracing::error!(error = %e, "store checkpoint at close failed; the log is replayed at the next start");
         }
+    }
+}
+
+/// Gives the engine the unit of work `c`, logged as `rec` at `position`.
+/// A record of up to `INTENT_MAX` bytes becomes the intent first, then its
+/// changes are applied: if the engine holds any of them after a crash, it
+/// holds the intent and the open applies it again. A larger record must be
+/// synced in the log already: its changes are applied, then the intent
+/// becomes its position alone, and a crash before that leaves the record
+/// to the open's replay.
+fn give<B: Positioned>(inner: &B, c: &Commit, position: u64, rec: &[u8]) -> Result<()> {
+    if rec.len() <= B::INTENT_MAX {
+        inner.set_intent(rec)?;
+        inner.apply(c)
+    } else {
+        inner.apply(c)?;
+        inner.set_intent(&encode(position, std::iter::empty()))
     }
 }
 
@@ -644,11 +670,58 @@ mod tests {
             let p = l.lock().next;
             let mut first = Commit::default();
             first.insert(Space::Subjects, "s1", "v2");
-            l.inner.apply_at(&first, p, &encode(p, c.ops())).unwrap();
+            l.inner.set_intent(&encode(p, c.ops())).unwrap();
+            l.inner.apply(&first).unwrap();
         });
         // The next write takes a position after the intent's.
         let r2 = after_a_write_and_a_crash(r, b.path());
         assert_eq!(r2.get(Space::Index, b"ix-new").unwrap().as_deref(), Some(&b"v2"[..]));
+    }
+
+    /// A unit too large for an intent is synced in the log before the
+    /// engine gets any of it: a crash that leaves the engine holding part
+    /// of it is completed by the replay, and once it is whole the intent
+    /// carries its position, so that the open does not apply the unit
+    /// before it over it.
+    #[test]
+    fn a_large_unit_is_synced_first_and_marked_after() {
+        let a = tempfile::tempdir().unwrap();
+        let l = open(a.path(), SEGMENT_BYTES);
+        put(&l, "s1", "v1");
+        let big = "x".repeat(Engine::INTENT_MAX);
+        let mut c = Commit::default();
+        c.insert(Space::Subjects, "s1", "v2");
+        c.insert(Space::Index, "ix-big", &big);
+        // The log gets the record (synced, as `log_and_apply` does), the
+        // engine its first change only: then a loss of power.
+        {
+            let mut seg = l.lock();
+            let rec = encode(seg.next, c.ops());
+            assert!(rec.len() > Engine::INTENT_MAX);
+            seg.append(&rec).unwrap();
+            seg.file.sync_data().unwrap();
+            seg.next += 1;
+        }
+        let mut first = Commit::default();
+        first.insert(Space::Subjects, "s1", "v2");
+        l.inner.apply(&first).unwrap();
+        let synced = l.lock().len;
+        let b = power_loss_copy(&l, a.path(), synced);
+        let r = open(b.path(), SEGMENT_BYTES);
+        assert_eq!(r.get(Space::Index, b"ix-big").unwrap().as_deref(), Some(big.as_bytes()));
+        assert_eq!(r.get(Space::Subjects, b"s1").unwrap().as_deref(), Some(&b"v2"[..]));
+        drop(r);
+
+        // Applied whole through the log: the intent is its position.
+        let l2 = open(a.path().join("again").as_path(), SEGMENT_BYTES);
+        put(&l2, "s1", "v1");
+        let mut c2 = Commit::default();
+        c2.insert(Space::Subjects, "s1", "v3");
+        c2.insert(Space::Index, "ix-big", &big);
+        l2.apply(&c2).unwrap();
+        let (unit, _) = decode(&l2.inner.intent().unwrap().unwrap());
+        assert_eq!(unit.len(), 1);
+        assert_eq!((unit[0].0, unit[0].1.len()), (l2.lock().next - 1, 0));
     }
 
     #[test]
