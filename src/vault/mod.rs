@@ -741,7 +741,7 @@ impl Vault {
             .map_err(|e| self.lost_race(e, &items))?;
         // One counter reservation for the whole batch (the counter orders
         // duplicate emails/phones: the most recent write wins a lookup).
-        let first = self.store.reserve_counter("index_stamp", items.len() as u64)?;
+        let first = self.store.reserve_stamps("index_stamp", items.len() as u64)?;
         for (stamp, (id, _, rec, old)) in (first..).zip(items.iter()) {
             if let Some(old) = old {
                 for ix in &old.index {
