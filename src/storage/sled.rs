@@ -40,8 +40,8 @@ pub(super) struct Engine {
     /// Taken to write by a unit of work being applied, to read by every
     /// read: a reader sees a unit whole or not at all.
     applying: std::sync::RwLock<()>,
-    /// Test hook: a unit applied key by key stops after its first change
-    /// at this barrier, twice (so a test can read meanwhile).
+    /// Test hook: the next change applied is followed by two waits at this
+    /// barrier (so a test can read meanwhile); taken by that change.
     #[cfg(test)]
     mid_unit: std::sync::Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
 }
@@ -103,6 +103,24 @@ impl Engine {
         self.applying.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Gives each change of `c` to its tree, one after another.
+    fn each(&self, c: &Commit) -> Result<()> {
+        for (s, k, v) in c.ops() {
+            let t = self.tree(s)?;
+            match v {
+                Some(v) => t.insert(k, v).map(drop),
+                None => t.remove(k).map(drop),
+            }
+            .map_err(err)?;
+            #[cfg(test)]
+            if let Some(hold) = self.mid_unit.lock().unwrap().take() {
+                hold.wait();
+                hold.wait();
+            }
+        }
+        Ok(())
+    }
+
     fn tree(&self, s: Space) -> Result<&::sled::Tree> {
         self.trees[s as usize]
             .as_ref()
@@ -159,40 +177,14 @@ impl Backend for Engine {
                 return Err(VaultError::VersionConflict { current: 0 });
             }
         }
-        for (i, (s, k, v)) in c.ops().enumerate() {
-            let t = self.tree(s)?;
-            match v {
-                Some(v) => t.insert(k, v).map(drop),
-                None => t.remove(k).map(drop),
-            }
-            .map_err(err)?;
-            #[cfg(test)]
-            if i == 0 {
-                let hook = self.mid_unit.lock().unwrap().clone();
-                if let Some(b) = hook {
-                    b.wait();
-                    b.wait();
-                }
-            }
-            #[cfg(not(test))]
-            let _ = i;
-        }
-        Ok(())
+        self.each(c)
     }
 
     /// Key by key, not as a batch: a sled batch takes sled's process-wide
     /// write lock, which every `get` waits for (its read side), so one
     /// batch of the derived index stalled every read for as long.
     fn apply_derived(&self, c: &Commit) -> Result<()> {
-        for (s, k, v) in c.ops() {
-            let t = self.tree(s)?;
-            match v {
-                Some(v) => t.insert(k, v).map(drop),
-                None => t.remove(k).map(drop),
-            }
-            .map_err(err)?;
-        }
-        Ok(())
+        self.each(c)
     }
 
     fn update(&self, s: Space, k: &[u8], f: Update<'_>) -> Result<Option<Vec<u8>>> {
