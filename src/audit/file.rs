@@ -113,6 +113,7 @@ pub(super) fn open(
         .map(|b| crate::storage::read_u64(&b))
         .unwrap_or(0);
     let mut reindex = Commit::default();
+    let mut reindexed = false;
     {
         let mut r = BufReader::new(File::open(&path)?);
         let mut line = String::new();
@@ -135,9 +136,11 @@ pub(super) fn open(
                 if let (false, Some((k, v))) = (erased, access_record(&e, b"")) {
                     reindex.insert(Space::Access, k, v);
                 }
-                // In units of a few thousand: one engine write each.
+                // Derived writes, given to the engine in batches beside the
+                // log (no log record, no sync each).
                 if reindex.len() >= crate::storage::DERIVED_BATCH {
-                    store.apply(&std::mem::take(&mut reindex))?;
+                    reindexed = true;
+                    store.defer(std::mem::take(&mut reindex));
                 }
             }
             off += n as u64;
@@ -151,7 +154,12 @@ pub(super) fn open(
         file.sync_all()?;
     }
     file.seek(SeekFrom::End(0))?;
-    store.apply(&reindex)?;
+    if reindexed || !reindex.is_empty() {
+        store.defer(reindex);
+        // The mark may only outlive a crash that the entries it covers
+        // outlive too: the engine's files hold them before it is written.
+        store.checkpoint()?;
+    }
     store.insert(Space::Meta, INDEXED, seq.to_be_bytes())?;
     let sink = FileSink {
         file,

@@ -541,6 +541,54 @@ mod tests {
         assert_eq!(received_by(&store, "kept").unwrap().len(), 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reindex_at_start_is_on_disk_before_its_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let place = |root: &std::path::Path| Place::Files {
+            data_dir: root.join("data"),
+            keys_dir: root.join("keys"),
+        };
+        std::fs::create_dir_all(d.path().join("keys")).unwrap();
+        let entry = |n: usize| Draft {
+            request_id: format!("r-{n}"),
+            caller: Some("courier".into()),
+            token_id: None,
+            purpose: Some("delivery".into()),
+            action: "read".into(),
+            subject: Some(format!("s{n}")),
+            fields: vec!["surname".into()],
+            code: None,
+            justification: None,
+            target_token_id: None,
+        };
+        {
+            // The entries' index is deferred, then lost: the store is taken
+            // as a crash would leave it.
+            let store = Store::open(&d.path().join("data")).unwrap();
+            let log = AuditLog::open(&place(d.path()), &store, true, "").unwrap();
+            log.append((0..10).map(entry).collect()).await.unwrap();
+            let lost = tempfile::tempdir().unwrap();
+            crate::storage::wal::tests::crash_copy(d.path(), lost.path());
+            drop((log, store));
+            std::fs::remove_dir_all(d.path()).unwrap();
+            crate::storage::wal::tests::crash_copy(lost.path(), d.path());
+        }
+        // This start re-indexes them; a crash right after it (its log
+        // synced, the engine as far as it reached the disk) keeps them.
+        let store = Store::open(&d.path().join("data")).unwrap();
+        let log = AuditLog::open(&place(d.path()), &store, true, "").unwrap();
+        assert_eq!(received_by(&store, "s3").unwrap().len(), 1);
+        store.commit_blocking(&Commit::default()).unwrap();
+        let after = tempfile::tempdir().unwrap();
+        crate::storage::wal::tests::crash_copy(d.path(), after.path());
+        drop((log, store));
+        let store = Store::open(&after.path().join("data")).unwrap();
+        let _log = AuditLog::open(&place(after.path()), &store, true, "").unwrap();
+        for n in 0..10 {
+            assert_eq!(received_by(&store, &format!("s{n}")).unwrap().len(), 1, "s{n}");
+        }
+    }
+
     #[test]
     fn access_cursors_read_back_what_they_print_and_refuse_the_rest() {
         for s in ["0", "17", "17.0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"] {

@@ -6,10 +6,10 @@
 //! by a thread of their own, off the path of the request and of the audit
 //! committer. Every read of a derived space first applies what waits
 //! ([`Deferred::settle`]), so a reader sees every write deferred before it.
-//! The engine takes them through `Backend::apply_derived`, key by key on
-//! sled, whose batches hold a process-wide lock that every read waits for.
-//! One engine batch per audit group halved a read's throughput on sled
-//! (README, Benchmarks, sixth pass).
+//! The engine takes them through `Backend::apply_derived`, which skips the
+//! write-ahead log: a lost batch is rebuilt, never trusted. Batching here is
+//! what keeps the index off the read's path: one engine write per audit
+//! group halved a read's throughput on sled (README, Benchmarks, sixth pass).
 
 use super::{Backend, Commit};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

@@ -32,7 +32,7 @@ mod deferred;
 pub(crate) use deferred::BATCH as DERIVED_BATCH;
 mod postgres;
 mod sled;
-mod wal;
+pub(crate) mod wal;
 
 /// A key space of a store. Names and numbers are stable: the names are the
 /// sled tree names and the tags of the backup stream, the numbers the

@@ -523,7 +523,7 @@ impl<B: Positioned> Backend for Logged<B> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::sled::Engine;
     use super::*;
 
@@ -536,7 +536,7 @@ mod tests {
     /// everything it had not flushed: copy its files as of its last flush.
     /// sled keeps nothing on disk between flushes but what it writes on its
     /// own, so a copy taken without flushing stands for a crash.
-    fn crash_copy(from: &Path, to: &Path) {
+    pub(crate) fn crash_copy(from: &Path, to: &Path) {
         for entry in walk(from) {
             let rel = entry.strip_prefix(from).unwrap();
             let dst = to.join(rel);
