@@ -108,35 +108,49 @@ impl Draft {
 }
 
 fn entry_hash(prev: &str, e: &AuditEntry) -> String {
-    let body = serde_json::to_vec(&(
-        e.seq,
-        &e.at,
-        &e.request_id,
-        &e.caller,
-        &e.token_id,
-        &e.purpose,
-        &e.action,
-        &e.subject,
-        &e.fields,
-        &e.outcome,
-        &e.code,
-        &e.justification,
-    ))
+    use sha2::Digest;
+    /// Feeds what serde_json writes straight to the hash, with no copy.
+    struct Hashing<'a>(&'a mut sha2::Sha256);
+    impl std::io::Write for Hashing<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.update(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut h = sha2::Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    serde_json::to_writer(
+        Hashing(&mut h),
+        &(
+            e.seq,
+            &e.at,
+            &e.request_id,
+            &e.caller,
+            &e.token_id,
+            &e.purpose,
+            &e.action,
+            &e.subject,
+            &e.fields,
+            &e.outcome,
+            &e.code,
+            &e.justification,
+        ),
+    )
     .expect("json");
-    let mut input = Vec::with_capacity(prev.len() + 1 + body.len());
-    input.extend_from_slice(prev.as_bytes());
-    input.push(b'\n');
-    input.extend_from_slice(&body);
     // Added later: hashed only where present, so older entries still verify.
     if let Some(t) = &e.target_token_id {
-        input.extend_from_slice(b"\ntarget_token_id\n");
-        input.extend_from_slice(t.as_bytes());
+        h.update(b"\ntarget_token_id\n");
+        h.update(t.as_bytes());
     }
     if let Some(n) = &e.node {
-        input.extend_from_slice(b"\nnode\n");
-        input.extend_from_slice(n.as_bytes());
+        h.update(b"\nnode\n");
+        h.update(n.as_bytes());
     }
-    hex::encode(crate::crypto::sha256(&input))
+    hex::encode(h.finalize())
 }
 
 /// Actions whose allowed entries are releases of subject data.

@@ -138,7 +138,7 @@ pub struct Vault {
 }
 
 fn frame(parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(parts.iter().map(|p| 4 + p.len()).sum());
     for p in parts {
         out.extend_from_slice(&(p.len() as u32).to_be_bytes());
         out.extend_from_slice(p);
