@@ -557,12 +557,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_reindex_at_start_is_on_disk_before_its_mark() {
-        let d = tempfile::tempdir().unwrap();
         let place = |root: &std::path::Path| Place::Files {
             data_dir: root.join("data"),
             keys_dir: root.join("keys"),
         };
-        std::fs::create_dir_all(d.path().join("keys")).unwrap();
         let entry = |n: usize| Draft {
             request_id: format!("r-{n}"),
             caller: Some("courier".into()),
@@ -575,27 +573,30 @@ mod tests {
             justification: None,
             target_token_id: None,
         };
+        // Each life runs in a directory of its own: a store's last handle
+        // may close (and checkpoint) a moment after the drop, from the
+        // committer's thread.
+        let first = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(first.path().join("keys")).unwrap();
+        let lost = tempfile::tempdir().unwrap();
         {
             // The entries' index is deferred, then lost: the store is taken
             // as a crash would leave it.
-            let store = Store::open(&d.path().join("data")).unwrap();
-            let log = AuditLog::open(&place(d.path()), &store, true, "").unwrap();
+            let store = Store::open(&first.path().join("data")).unwrap();
+            let log = AuditLog::open(&place(first.path()), &store, true, "").unwrap();
             log.append((0..10).map(entry).collect()).await.unwrap();
-            let lost = tempfile::tempdir().unwrap();
-            crate::storage::wal::tests::crash_copy(d.path(), lost.path());
-            drop((log, store));
-            std::fs::remove_dir_all(d.path()).unwrap();
-            crate::storage::wal::tests::crash_copy(lost.path(), d.path());
+            crate::storage::wal::tests::crash_copy(first.path(), lost.path());
         }
         // This start re-indexes them; a crash right after it (its log
         // synced, the engine as far as it reached the disk) keeps them.
-        let store = Store::open(&d.path().join("data")).unwrap();
-        let log = AuditLog::open(&place(d.path()), &store, true, "").unwrap();
-        assert_eq!(received_by(&store, "s3").unwrap().len(), 1);
-        store.commit_blocking(&Commit::default()).unwrap();
         let after = tempfile::tempdir().unwrap();
-        crate::storage::wal::tests::crash_copy(d.path(), after.path());
-        drop((log, store));
+        {
+            let store = Store::open(&lost.path().join("data")).unwrap();
+            let _log = AuditLog::open(&place(lost.path()), &store, true, "").unwrap();
+            assert_eq!(received_by(&store, "s3").unwrap().len(), 1);
+            store.commit_blocking(&Commit::default()).unwrap();
+            crate::storage::wal::tests::crash_copy(lost.path(), after.path());
+        }
         let store = Store::open(&after.path().join("data")).unwrap();
         let _log = AuditLog::open(&place(after.path()), &store, true, "").unwrap();
         for n in 0..10 {

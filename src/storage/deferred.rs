@@ -43,14 +43,10 @@ impl Shared {
     /// returned: the writes are derived, and the next start rebuilds them.
     fn apply_pending(&self) {
         let _applying = lock(&self.applying);
-        let mut c = std::mem::take(&mut lock(&self.pending).0);
+        let c = std::mem::take(&mut lock(&self.pending).0);
         if c.is_empty() {
             return;
         }
-        // In key order, each insert walks down next to the one before it,
-        // through tree nodes still in the CPU's caches. Stable: two writes
-        // of one key keep their order.
-        c.ops.sort_by(|a, b| (a.0 as u8, &a.1).cmp(&(b.0 as u8, &b.1)));
         if let Err(e) = self.engine.apply_derived(&c) {
             tracing::warn!(error = %e, "derived index not updated; rebuilt at the next start");
         }
