@@ -585,7 +585,7 @@ mod tests {
             let store = Store::open(&first.path().join("data")).unwrap();
             let log = AuditLog::open(&place(first.path()), &store, true, "").unwrap();
             log.append((0..10).map(entry).collect()).await.unwrap();
-            crate::storage::wal::tests::crash_copy(first.path(), lost.path());
+            crate::storage::crash_copy(first.path(), lost.path());
         }
         // This start re-indexes them; a crash right after it (its log
         // synced, the engine as far as it reached the disk) keeps them.
@@ -595,7 +595,7 @@ mod tests {
             let _log = AuditLog::open(&place(lost.path()), &store, true, "").unwrap();
             assert_eq!(received_by(&store, "s3").unwrap().len(), 1);
             store.commit_blocking(&Commit::default()).unwrap();
-            crate::storage::wal::tests::crash_copy(lost.path(), after.path());
+            crate::storage::crash_copy(lost.path(), after.path());
         }
         let store = Store::open(&after.path().join("data")).unwrap();
         let _log = AuditLog::open(&place(after.path()), &store, true, "").unwrap();

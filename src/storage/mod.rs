@@ -32,7 +32,10 @@ mod deferred;
 pub(crate) use deferred::BATCH as DERIVED_BATCH;
 mod postgres;
 mod sled;
-pub(crate) mod wal;
+mod wal;
+/// For crash tests elsewhere in the crate: a store's files as a crash leaves them.
+#[cfg(test)]
+pub(crate) use wal::tests::crash_copy;
 
 /// A key space of a store. Names and numbers are stable: the names are the
 /// sled tree names and the tags of the backup stream, the numbers the

@@ -523,7 +523,7 @@ impl<B: Positioned> Backend for Logged<B> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+pub(super) mod tests {
     use super::super::sled::Engine;
     use super::*;
 
