@@ -519,16 +519,9 @@ pub fn checkpoint_message(seq: u64, head: &str, at: &str, prev: Option<&str>) ->
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_reindex_at_start_does_not_bring_back_an_erased_subjects_access_log() {
-        let d = tempfile::tempdir().unwrap();
-        let place = Place::Files {
-            data_dir: d.path().join("data"),
-            keys_dir: d.path().join("keys"),
-        };
-        std::fs::create_dir_all(d.path().join("keys")).unwrap();
-        let store = Store::open(&d.path().join("data")).unwrap();
-        let release = |subject: &str| Draft {
+    /// An allowed read of `subject`'s surname by the courier.
+    fn release(subject: &str) -> Draft {
+        Draft {
             request_id: format!("r-{subject}"),
             caller: Some("courier".into()),
             token_id: None,
@@ -539,7 +532,18 @@ mod tests {
             code: None,
             justification: None,
             target_token_id: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reindex_at_start_does_not_bring_back_an_erased_subjects_access_log() {
+        let d = tempfile::tempdir().unwrap();
+        let place = Place::Files {
+            data_dir: d.path().join("data"),
+            keys_dir: d.path().join("keys"),
         };
+        std::fs::create_dir_all(d.path().join("keys")).unwrap();
+        let store = Store::open(&d.path().join("data")).unwrap();
         let log = AuditLog::open(&place, &store, true, "").unwrap();
         log.append(vec![release("gone"), release("kept")]).await.unwrap();
         assert_eq!(received_by(&store, "gone").unwrap().len(), 1);
@@ -561,18 +565,6 @@ mod tests {
             data_dir: root.join("data"),
             keys_dir: root.join("keys"),
         };
-        let entry = |n: usize| Draft {
-            request_id: format!("r-{n}"),
-            caller: Some("courier".into()),
-            token_id: None,
-            purpose: Some("delivery".into()),
-            action: "read".into(),
-            subject: Some(format!("s{n}")),
-            fields: vec!["surname".into()],
-            code: None,
-            justification: None,
-            target_token_id: None,
-        };
         // Each life runs in a directory of its own: a store's last handle
         // may close (and checkpoint) a moment after the drop, from the
         // committer's thread.
@@ -584,7 +576,9 @@ mod tests {
             // as a crash would leave it.
             let store = Store::open(&first.path().join("data")).unwrap();
             let log = AuditLog::open(&place(first.path()), &store, true, "").unwrap();
-            log.append((0..10).map(entry).collect()).await.unwrap();
+            log.append((0..10).map(|n| release(&format!("s{n}"))).collect())
+                .await
+                .unwrap();
             crate::storage::crash_copy(first.path(), lost.path());
         }
         // This start re-indexes them; a crash right after it (its log
