@@ -185,7 +185,7 @@ impl Default for StorageConfig {
             pool_size: 16,
             tls: "require".into(),
             ca_file: None,
-            cache_mib: 256,
+            cache_mib: 128,
         }
     }
 }
@@ -881,8 +881,8 @@ mod tests {
     #[test]
     fn the_store_cache_is_bounded_in_config() {
         let c = Config::from_toml(SHIPPED, &Overrides::default()).unwrap();
-        assert_eq!(c.storage.cache_mib, 256);
-        let small = SHIPPED.replace("cache_mib = 256", "cache_mib = 64");
+        assert_eq!(c.storage.cache_mib, 128);
+        let small = SHIPPED.replace("cache_mib = 128", "cache_mib = 64");
         assert_eq!(
             Config::from_toml(&small, &Overrides::default())
                 .unwrap()
@@ -890,7 +890,7 @@ mod tests {
                 .cache_mib,
             64
         );
-        let tiny = SHIPPED.replace("cache_mib = 256", "cache_mib = 8");
+        let tiny = SHIPPED.replace("cache_mib = 128", "cache_mib = 8");
         let e = Config::from_toml(&tiny, &Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("storage.cache_mib"), "{e}");
     }
