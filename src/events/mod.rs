@@ -2,7 +2,8 @@
 //!
 //! Owns the event records (`outbox` tree, by sequence number), each
 //! subscriber's delivery state (`deliveries` tree, by subscriber then
-//! sequence, so one scan reads a subscriber's queue in order), staging an
+//! sequence, so one scan reads a subscriber's queue in order; the dead ones
+//! under a key of their own, out of the queue's way), staging an
 //! event into the same `Commit` as the change it reports, and the operator's
 //! view (list, retry). `sender` delivers them.
 //!
@@ -93,11 +94,36 @@ pub struct NewEvent {
     pub id: Option<String>,
 }
 
+/// A pending delivery's key: the subscriber's name (`[a-z0-9_]`), 0, the
+/// sequence. The sender's queue is the scan of `name 0`.
 pub fn delivery_key(subscriber: &str, seq: u64) -> Vec<u8> {
-    let mut k = subscriber.as_bytes().to_vec();
-    k.push(0);
+    key_of(subscriber, PENDING, seq)
+}
+
+/// The tags after the subscriber's name: a dead delivery is kept apart
+/// (until the operator's retry), so that any number of them never stands
+/// between the sender and the pending ones behind them.
+const PENDING: u8 = 0;
+const DEAD: u8 = 1;
+
+fn key_of(subscriber: &str, tag: u8, seq: u64) -> Vec<u8> {
+    let mut k = queue_prefix(subscriber, tag);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+fn queue_prefix(subscriber: &str, tag: u8) -> Vec<u8> {
+    let mut p = subscriber.as_bytes().to_vec();
+    p.push(tag);
+    p
+}
+
+/// The key a delivery in state `state` is kept under.
+fn state_key(subscriber: &str, seq: u64, state: DeliveryState) -> Vec<u8> {
+    match state {
+        DeliveryState::Pending => key_of(subscriber, PENDING, seq),
+        DeliveryState::Dead => key_of(subscriber, DEAD, seq),
+    }
 }
 
 fn seq_of(key: &[u8]) -> u64 {
@@ -202,24 +228,46 @@ pub fn load_event(store: &Store, seq: u64) -> Result<Option<EventRecord>> {
     }
 }
 
-/// A subscriber's queue, in order: (sequence, delivery).
+/// A subscriber's queue, in order: (sequence, delivery). Dead deliveries
+/// are not in it (a store written before they were kept apart may still
+/// hold some here: the sender moves them, [`put_delivery`]).
 pub fn queue(store: &Store, subscriber: &str, limit: usize) -> Result<Vec<(u64, Delivery)>> {
-    let mut p = subscriber.as_bytes().to_vec();
-    p.push(0);
     let mut out = vec![];
-    for kv in store.scan(Space::Deliveries, &p).take(limit) {
+    for kv in store
+        .scan(Space::Deliveries, queue_prefix(subscriber, PENDING))
+        .take(limit)
+    {
         let (k, v) = kv?;
         out.push((seq_of(&k), decode(&v, "delivery")?));
     }
     Ok(out)
 }
 
+/// Keeps a delivery under the key of its state, and removes it from the
+/// other's, in one unit (a delivery that dies leaves the queue).
 pub fn put_delivery(store: &Store, subscriber: &str, seq: u64, d: &Delivery) -> Result<()> {
-    store.insert(
+    let other = match d.state {
+        DeliveryState::Pending => DeliveryState::Dead,
+        DeliveryState::Dead => DeliveryState::Pending,
+    };
+    let mut c = Commit::default();
+    c.remove(Space::Deliveries, state_key(subscriber, seq, other));
+    c.insert(
         Space::Deliveries,
-        delivery_key(subscriber, seq),
+        state_key(subscriber, seq, d.state),
         serde_json::to_vec(d).expect("json"),
-    )
+    );
+    store.apply(&c)
+}
+
+/// A subscriber's delivery of event `seq`, pending or dead.
+fn get_delivery(store: &Store, subscriber: &str, seq: u64) -> Result<Option<Delivery>> {
+    for state in [DeliveryState::Pending, DeliveryState::Dead] {
+        if let Some(b) = store.get(Space::Deliveries, state_key(subscriber, seq, state))? {
+            return Ok(Some(decode(&b, "delivery")?));
+        }
+    }
+    Ok(None)
 }
 
 /// A delivery is done: forgets it, and the event once no subscriber waits.
@@ -227,7 +275,7 @@ pub fn delivered(store: &Store, ev: &EventRecord, subscriber: &str) -> Result<()
     store.remove(Space::Deliveries, delivery_key(subscriber, ev.seq))?;
     let mut left = false;
     for t in &ev.targets {
-        left |= store.contains(Space::Deliveries, delivery_key(t, ev.seq))?;
+        left |= get_delivery(store, t, ev.seq)?.is_some();
     }
     if !left {
         store.remove(Space::Outbox, ev.seq.to_be_bytes())?;
@@ -290,10 +338,9 @@ pub fn list(store: &Store, filter: Filter, limit: usize) -> Result<Vec<EventView
         let ev: EventRecord = decode(&v, "event record")?;
         let mut deliveries = vec![];
         for t in &ev.targets {
-            let Some(b) = store.get(Space::Deliveries, delivery_key(t, ev.seq))? else {
+            let Some(d) = get_delivery(store, t, ev.seq)? else {
                 continue;
             };
-            let d: Delivery = decode(&b, "delivery")?;
             if filter.shows(&d) {
                 deliveries.push(DeliveryView {
                     subscriber: t.clone(),
@@ -331,10 +378,9 @@ pub fn retry(store: &Store, id: &str) -> Result<Option<usize>> {
         }
         let mut n = 0;
         for t in &ev.targets {
-            let Some(b) = store.get(Space::Deliveries, delivery_key(t, ev.seq))? else {
+            let Some(mut d) = get_delivery(store, t, ev.seq)? else {
                 continue;
             };
-            let mut d: Delivery = decode(&b, "delivery")?;
             if d.state == DeliveryState::Dead {
                 d.state = DeliveryState::Pending;
                 d.attempts = 0;
@@ -355,9 +401,7 @@ pub fn depth(store: &Store, cfg: &EventsConfig) -> Result<Vec<(String, u64, u64)
     let mut out = vec![];
     for s in &cfg.subscribers {
         let (mut n, mut oldest) = (0u64, None::<u64>);
-        let mut p = s.name.as_bytes().to_vec();
-        p.push(0);
-        for kv in store.scan(Space::Deliveries, &p) {
+        for kv in store.scan(Space::Deliveries, queue_prefix(&s.name, PENDING)) {
             let (_, v) = kv?;
             let d: Delivery = decode(&v, "delivery")?;
             if d.state == DeliveryState::Pending {
@@ -413,9 +457,9 @@ mod tests {
         assert!(targets(&cfg, &ev("grant.revoked", Some("payments"))).is_empty());
     }
 
-    #[test]
-    fn staged_events_queue_in_order_and_leave_when_delivered() {
-        let d = tempfile::tempdir().unwrap();
+    /// A store with `n` `consent.changed` events (subjects s0, s1, ...)
+    /// staged for subscribers a and b, a's with a line of its own.
+    fn store_with_events(d: &tempfile::TempDir, n: usize) -> (Store, EventsConfig) {
         let store = Store::open(d.path()).unwrap();
         let cfg = EventsConfig {
             subscribers: vec![
@@ -424,7 +468,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        for i in 0..3 {
+        for i in 0..n {
             let mut c = Commit::default();
             let ev = NewEvent {
                 kind: "consent.changed",
@@ -438,6 +482,13 @@ mod tests {
             assert!(c.has_events);
             store.apply(&c).unwrap();
         }
+        (store, cfg)
+    }
+
+    #[test]
+    fn staged_events_queue_in_order_and_leave_when_delivered() {
+        let d = tempfile::tempdir().unwrap();
+        let (store, _) = store_with_events(&d, 3);
         let q = queue(&store, "a", 10).unwrap();
         assert_eq!(q.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
         let ev = load_event(&store, 1).unwrap().unwrap();
@@ -451,5 +502,46 @@ mod tests {
         delivered(&store, &ev, "b").unwrap();
         assert!(load_event(&store, 1).unwrap().is_none());
         assert_eq!(list(&store, Filter::All, 100).unwrap().len(), 2);
+    }
+
+    /// However many deliveries are dead, the pending ones behind them are
+    /// the queue's first: dead ones wait apart for the operator's retry.
+    #[test]
+    fn dead_deliveries_stand_apart_from_the_queue_until_retried() {
+        let d = tempfile::tempdir().unwrap();
+        let (store, cfg) = store_with_events(&d, 4);
+        for (seq, mut dl) in queue(&store, "a", 3).unwrap() {
+            dl.state = DeliveryState::Dead;
+            put_delivery(&store, "a", seq, &dl).unwrap();
+        }
+        let seqs = |q: Vec<(u64, Delivery)>| q.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        assert_eq!(seqs(queue(&store, "a", 3).unwrap()), [4], "the dead ones took the pass");
+        assert_eq!(depth(&store, &cfg).unwrap()[0].1, 1);
+        assert_eq!(list(&store, Filter::Dead, 100).unwrap().len(), 3);
+        // b's delivery of event 1 is done; a's dead one keeps the event.
+        let ev1 = load_event(&store, 1).unwrap().unwrap();
+        delivered(&store, &ev1, "b").unwrap();
+        assert!(
+            load_event(&store, 1).unwrap().is_some(),
+            "a dead delivery still needs the event"
+        );
+        assert_eq!(retry(&store, &ev1.id).unwrap(), Some(1));
+        assert_eq!(seqs(queue(&store, "a", 10).unwrap()), [1, 4]);
+        assert_eq!(list(&store, Filter::Dead, 100).unwrap().len(), 2);
+        // A dead delivery a version before kept in the queue leaves it
+        // when the sender puts it back.
+        let mut old = queue(&store, "a", 1).unwrap().remove(0).1;
+        old.state = DeliveryState::Dead;
+        store
+            .insert(
+                Space::Deliveries,
+                delivery_key("a", 1),
+                serde_json::to_vec(&old).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(queue(&store, "a", 10).unwrap()[0].1.state, DeliveryState::Dead);
+        put_delivery(&store, "a", 1, &old).unwrap();
+        assert_eq!(seqs(queue(&store, "a", 10).unwrap()), [4]);
+        assert_eq!(list(&store, Filter::Dead, 100).unwrap().len(), 3);
     }
 }

@@ -126,6 +126,9 @@ async fn run(vault: Arc<Vault>, sub: Subscriber) {
     }
 }
 
+/// The most deliveries one pass looks at; the rest wait for the next.
+const PASS: usize = 10_000;
+
 /// How one attempt ended.
 enum Outcome {
     Delivered,
@@ -140,8 +143,10 @@ async fn pass(vault: &Vault, sub: &Subscriber) -> crate::error::Result<Option<u6
     let mut blocked: HashSet<String> = HashSet::new();
     let mut next: Option<u64> = None;
     let due = |t: u64, next: &mut Option<u64>| *next = Some(next.map_or(t, |n| n.min(t)));
-    for (seq, mut d) in queue(store, &sub.cfg.name, 10_000)? {
+    for (seq, mut d) in queue(store, &sub.cfg.name, PASS)? {
         if d.state == DeliveryState::Dead {
+            // Kept here by a version before dead ones were kept apart.
+            put_delivery(store, &sub.cfg.name, seq, &d)?;
             continue;
         }
         if d.subject.as_ref().is_some_and(|s| blocked.contains(s)) {
