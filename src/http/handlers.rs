@@ -6,7 +6,7 @@ use super::extract::{Anonymous, BatchBody, Caller, JsonBody};
 use super::problem::{problem_json, status_of, ApiError};
 use super::AppState;
 use crate::error::VaultError;
-use crate::vault::{BatchItem, GrantRequest, IssueRequest, Released};
+use crate::vault::{BatchItem, GrantRequest, IssueRequest, Released, ReleasedValue};
 use axum::body::Body;
 use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -54,7 +54,10 @@ fn write_released(buf: &mut Vec<u8>, r: &Released) {
         }
         serde_json::to_writer(&mut *buf, name).expect("json");
         buf.push(b':');
-        serde_json::to_writer(&mut *buf, value).expect("json");
+        match value {
+            ReleasedValue::Stored(json) => buf.extend_from_slice(json.expose()),
+            ReleasedValue::Formed(v) => serde_json::to_writer(&mut *buf, v).expect("json"),
+        }
     }
     buf.extend_from_slice(b"}}");
 }

@@ -45,13 +45,24 @@ pub struct Ctx {
 pub struct Released {
     pub id: String,
     pub version: u64,
-    pub fields: Vec<(String, Value)>,
+    pub fields: Vec<(String, ReleasedValue)>,
+}
+
+/// One released field.
+pub enum ReleasedValue {
+    /// Released as stored (form `plain`): the field's normalised JSON, as
+    /// it was sealed, passed on without being parsed again.
+    Stored(Plaintext),
+    /// What the purpose's form made of it (masked, pseudonym, generalised).
+    Formed(Value),
 }
 
 impl Drop for Released {
     fn drop(&mut self) {
         for (_, v) in self.fields.iter_mut() {
-            wipe_value(v);
+            if let ReleasedValue::Formed(v) = v {
+                wipe_value(v);
+            }
         }
     }
 }
@@ -561,14 +572,22 @@ impl Vault {
     fn transform(
         &self,
         purpose: &str,
-        opened: Normalized,
+        mut opened: Normalized,
         forms: &[(String, ReleaseForm)],
-    ) -> Result<Vec<(String, Value)>> {
+    ) -> Result<Vec<(String, ReleasedValue)>> {
         let mut out = Vec::with_capacity(forms.len());
         for (name, form) in forms {
-            let Some((_, pt)) = opened.iter().find(|(n, _)| n == name) else {
+            let Some(at) = opened.iter().position(|(n, _)| n == name) else {
                 continue;
             };
+            if matches!(form, ReleaseForm::Plain) {
+                // The stored bytes are the value as released: written by
+                // `normalize_fields` as JSON, authenticated on opening.
+                let (_, pt) = opened.swap_remove(at);
+                out.push((name.clone(), ReleasedValue::Stored(pt)));
+                continue;
+            }
+            let pt = &opened[at].1;
             let mut v: Value =
                 serde_json::from_slice(pt.expose()).map_err(|_| VaultError::internal("stored field is not JSON"))?;
             let ty = self.cfg.policy.fields.get(name).copied().unwrap_or(FieldType::Text);
@@ -581,7 +600,7 @@ impl Vault {
                 name,
             );
             wipe_value(&mut v);
-            out.push((name.clone(), released));
+            out.push((name.clone(), ReleasedValue::Formed(released)));
         }
         Ok(out)
     }
