@@ -347,10 +347,43 @@ pub struct SubjectRecord {
     pub created_at: u64,
     pub updated_at: u64,
     /// Field name to `nonce || ciphertext || tag`.
+    #[serde(with = "byte_strings::named")]
     pub fields: Vec<(String, Vec<u8>)>,
     /// Blind-index keys (HMACs) of this version, so that an erasure or a
     /// ledger replay can remove them without any key.
+    #[serde(with = "byte_strings::list")]
     pub index: Vec<Vec<u8>>,
+}
+
+/// Byte strings of the stored records written as serde bytes. postcard
+/// writes bytes exactly as it writes a sequence of `u8` (a varint length,
+/// then the bytes), so records stored before read the same; what changes is
+/// the decoding: one copy of the run instead of one call per byte.
+mod byte_strings {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub mod named {
+        use super::*;
+        pub fn serialize<S: Serializer>(v: &[(String, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|(n, b)| (n, Bytes::new(b))))
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, Vec<u8>)>, D::Error> {
+            let v: Vec<(String, ByteBuf)> = Deserialize::deserialize(d)?;
+            Ok(v.into_iter().map(|(n, b)| (n, b.into_vec())).collect())
+        }
+    }
+
+    pub mod list {
+        use super::*;
+        pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|b| Bytes::new(b)))
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+            let v: Vec<ByteBuf> = Deserialize::deserialize(d)?;
+            Ok(v.into_iter().map(ByteBuf::into_vec).collect())
+        }
+    }
 }
 
 impl SubjectRecord {
@@ -366,6 +399,7 @@ impl SubjectRecord {
 #[derive(Serialize, Deserialize, Clone)]
 pub struct WrappedKey {
     pub epoch: u32,
+    #[serde(with = "serde_bytes")]
     pub sealed: Vec<u8>,
 }
 
@@ -820,6 +854,60 @@ const LEDGER_HEAD: &[u8] = b"h";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The records' byte strings are written as serde bytes: the same bytes
+    /// as the plain sequences of `u8` that every record stored before was
+    /// written with, both ways (a store keeps its records, and a record's
+    /// bytes are a write's precondition).
+    #[test]
+    fn records_keep_their_encoding() {
+        #[derive(Serialize, Deserialize)]
+        struct Before {
+            version: u64,
+            created_at: u64,
+            updated_at: u64,
+            fields: Vec<(String, Vec<u8>)>,
+            index: Vec<Vec<u8>>,
+        }
+        #[derive(Serialize, Deserialize)]
+        struct WrappedBefore {
+            epoch: u32,
+            sealed: Vec<u8>,
+        }
+        // Lengths on both sides of a one-byte varint (127 / 128).
+        let long: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let before = Before {
+            version: 3,
+            created_at: 1_700_000_000,
+            updated_at: 1_800_000_000,
+            fields: vec![
+                ("email".into(), long[..127].to_vec()),
+                ("address".into(), long.clone()),
+                ("phone".into(), vec![]),
+            ],
+            index: vec![long[..32].to_vec(), long[..128].to_vec()],
+        };
+        let old = postcard::to_stdvec(&before).unwrap();
+        let rec = SubjectRecord::decode(&old).unwrap();
+        assert_eq!(
+            (rec.version, rec.created_at, rec.updated_at),
+            (3, 1_700_000_000, 1_800_000_000)
+        );
+        assert_eq!(rec.fields, before.fields);
+        assert_eq!(rec.index, before.index);
+        assert_eq!(rec.encode(), old);
+        let back: Before = postcard::from_bytes(&rec.encode()).unwrap();
+        assert_eq!(back.fields, before.fields);
+
+        let wb = WrappedBefore {
+            epoch: 9,
+            sealed: long.clone(),
+        };
+        let old = postcard::to_stdvec(&wb).unwrap();
+        let w = decode_wrapped(&old).unwrap();
+        assert_eq!((w.epoch, &w.sealed), (9, &long));
+        assert_eq!(postcard::to_stdvec(&w).unwrap(), old);
+    }
 
     /// Stamps grow across calls and restarts, and a store of one node
     /// writes its counter once a block, not once a call.
