@@ -598,6 +598,46 @@ mod tests {
         }
     }
 
+    /// The chain hash of an entry is fixed by the logs already written: a
+    /// change to how it is computed must give the same digest, byte for
+    /// byte (these were computed by `entry_hash` on 2026-12-07).
+    #[test]
+    fn entry_hashes_stay_what_written_logs_hold() {
+        let d = Draft {
+            request_id: "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a".into(),
+            caller: Some("courier-a".into()),
+            token_id: Some("6f0c".into()),
+            purpose: Some("delivery".into()),
+            action: "read".into(),
+            subject: Some("sub_01".into()),
+            fields: vec!["address".into(), "phone".into(), "surname \"q\"\n".into()],
+            code: None,
+            justification: Some("x".repeat(700)),
+            target_token_id: None,
+        };
+        let e = AuditEntry::chained(7, "2026-12-07T15:00:00.000Z", d.clone(), GENESIS, None);
+        assert_eq!(
+            e.hash,
+            "e95676285fbe53a1529181747b90dc124b8b26053b671833af09d55186dd144e"
+        );
+        let with_node = AuditEntry::chained(
+            8,
+            "2026-12-07T15:00:00.001Z",
+            Draft {
+                code: Some("purpose_not_allowed".into()),
+                target_token_id: Some("9a1b".into()),
+                justification: None,
+                ..d
+            },
+            &e.hash,
+            Some("node-2"),
+        );
+        assert_eq!(
+            with_node.hash,
+            "e31fea009fcc8a808b844db9374e2801e4e02a64ba9d908c57b064fa6a1d64b1"
+        );
+    }
+
     #[test]
     fn access_cursors_read_back_what_they_print_and_refuse_the_rest() {
         for s in ["0", "17", "17.0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"] {
