@@ -231,10 +231,19 @@ pub const MAX_URI: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 100;
 
+/// The length of the request target as sent, counted without writing it
+/// out: the scheme and authority of an absolute form, then path and query.
+fn uri_len(u: &axum::http::Uri) -> usize {
+    u.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + u.authority().map_or(0, |a| a.as_str().len())
+        + u.path().len()
+        + u.query().map_or(0, |q| 1 + q.len())
+}
+
 /// The `414`/`431` answers, as problem+json like every other error.
 fn oversized(req: &Request) -> Option<Response> {
     use axum::http::StatusCode;
-    if req.uri().to_string().len() > MAX_URI {
+    if uri_len(req.uri()) > MAX_URI {
         return Some(problem::routing_problem(
             StatusCode::URI_TOO_LONG,
             "uri_too_long",
@@ -309,6 +318,24 @@ mod tests {
 
     fn doc() -> Value {
         serde_json::from_str(super::openapi_document()).expect("the document is JSON")
+    }
+
+    /// The 414 limit counts the target as `Uri` writes it, whatever form it
+    /// came in.
+    #[test]
+    fn uri_length_is_that_of_the_written_target() {
+        for t in [
+            "/v1/health",
+            "/v1/subjects/abc?fields=phone,email",
+            "/?",
+            "*",
+            "https://vault.example:8443/v1/health?x=1",
+            "http://vault.example",
+            "vault.example:443",
+        ] {
+            let u: axum::http::Uri = t.parse().unwrap();
+            assert_eq!(super::uri_len(&u), u.to_string().len(), "{t}");
+        }
     }
 
     /// Routes are added only through `routes!`, which does not compile for a
