@@ -146,10 +146,12 @@ impl Vault {
 /// Removes an erased subject's data and records its receipt. Idempotent;
 /// needs no key, so `restore` and every start can run it.
 ///
-/// The receipt and the `subject.erased` event land in one commit, before the
-/// data goes (who received it is read from the access index, which goes with
-/// the data): an erasure interrupted anywhere is finished, and its event
-/// staged exactly when the receipt is, by the ledger's replay. Returns that
+/// The receipt, the `subject.erased` event and the removal of the data land
+/// in one commit (who received the data is read from the access index
+/// first, since it goes with the data): an erasure interrupted anywhere is
+/// finished, and its event staged exactly when the receipt is, by the
+/// ledger's replay. No reader ever sees a record beside its receipt, which
+/// is what lets `subject_state` look for the record first. Returns the
 /// commit.
 fn purge_subject(store: &Store, e: &LedgerEntry, events: &crate::config::EventsConfig) -> Result<Commit> {
     let id = e.id.as_str();
@@ -179,21 +181,19 @@ fn purge_subject(store: &Store, e: &LedgerEntry, events: &crate::config::EventsC
             ..NewEvent::about("subject.erased", id, data)
         };
         crate::events::stage(store, events, &mut c, ev)?;
-        store.apply(&c)?;
     }
-    let mut data = Commit::default();
     if let Some(b) = store.get(Space::Subjects, id)? {
         if let Ok(rec) = SubjectRecord::decode(&b) {
-            remove_subject(&mut data, id, &rec);
+            remove_subject(&mut c, id, &rec);
         } else {
-            data.remove(Space::Subjects, id);
+            c.remove(Space::Subjects, id);
         }
     }
     for k in store.keys(Space::Consents, consent_prefix(id))? {
-        data.remove(Space::Consents, k);
+        c.remove(Space::Consents, k);
     }
-    crate::audit::forget_subject(store, &mut data, id)?;
-    store.apply(&data)?;
+    crate::audit::forget_subject(store, &mut c, id)?;
+    store.apply(&c)?;
     Ok(c)
 }
 

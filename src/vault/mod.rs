@@ -516,11 +516,17 @@ impl Vault {
         if !valid_subject_id(id) {
             return Ok((SubjectState::NotFound, None));
         }
-        if self.store.contains(Space::Erased, id)? {
-            return Ok((SubjectState::Erased, None));
-        }
+        // A record and its erasure receipt are never both there (the purge
+        // swaps one for the other in one commit): the receipt is looked for
+        // only when the record is missing, one read fewer on a live subject.
         let Some(bytes) = self.store.get(Space::Subjects, id)? else {
-            return Ok((SubjectState::NotFound, None));
+            return Ok((
+                match self.store.contains(Space::Erased, id)? {
+                    true => SubjectState::Erased,
+                    false => SubjectState::NotFound,
+                },
+                None,
+            ));
         };
         let rec = SubjectRecord::decode(&bytes)?;
         let consent = match purpose.and_then(|p| self.cfg.policy.purposes.get(p)) {
