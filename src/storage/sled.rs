@@ -172,10 +172,10 @@ impl Backend for Engine {
     }
 
     /// Key by key under the write lock: whole to readers. What makes it
-    /// whole after a crash is the log's (`wal`), which has checked the
-    /// preconditions already, under its own lock; they are checked again
-    /// here, where they cost a `get` each, so that this engine keeps the
-    /// `Backend` promise on its own.
+    /// whole after a crash is the log's (`wal`). The log checks the
+    /// preconditions under its own lock and gives its units through
+    /// `apply_checked`; called directly, this checks them itself, so that
+    /// the engine keeps the `Backend` promise on its own.
     fn apply(&self, c: &Commit) -> Result<()> {
         let _w = self.writing();
         for (s, k, v) in c.expectations() {
@@ -225,6 +225,11 @@ impl super::wal::Positioned for Engine {
     /// A quarter of sled's inline item limit (a segment's quarter, 128 KiB
     /// by default): an intent never becomes a blob file of its own.
     const INTENT_MAX: usize = 16 * 1024;
+
+    fn apply_checked(&self, c: &Commit) -> Result<()> {
+        let _w = self.writing();
+        self.each(c)
+    }
 
     fn set_intent(&self, record: &[u8]) -> Result<()> {
         self.intent.insert(INTENT_KEY, record).map(drop).map_err(err)

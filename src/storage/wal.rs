@@ -65,6 +65,10 @@ const HEADER: usize = 8;
 pub(super) trait Positioned: Backend {
     /// The largest record kept as an intent.
     const INTENT_MAX: usize;
+    /// Applies a unit whole to readers, as `Backend::apply` does, without
+    /// checking its preconditions: the log has checked them under its lock,
+    /// which every write of the store holds, so they still hold.
+    fn apply_checked(&self, c: &Commit) -> Result<()>;
     /// Stores the intent, replacing the one before (see [`give`]).
     fn set_intent(&self, record: &[u8]) -> Result<()>;
     /// The intent last stored.
@@ -377,9 +381,9 @@ impl<B: Positioned> Drop for Logged<B> {
 fn give<B: Positioned>(inner: &B, c: &Commit, position: u64, rec: &[u8]) -> Result<()> {
     if rec.len() <= B::INTENT_MAX {
         inner.set_intent(rec)?;
-        inner.apply(c)
+        inner.apply_checked(c)
     } else {
-        inner.apply(c)?;
+        inner.apply_checked(c)?;
         inner.set_intent(&encode(position, std::iter::empty()))
     }
 }
