@@ -437,3 +437,79 @@ async fn a_used_link_and_an_expired_session_end_on_the_expired_screen() {
     assert_eq!(stored, json!("[\"\",[],[]]"));
     b.client.clone().close().await.unwrap();
 }
+
+/// Presses a key on whatever has the focus, as a keyboard user does.
+async fn press(b: &Browser, key: fantoccini::key::Key) {
+    let focused = b.client.active_element().await.unwrap();
+    focused.send_keys(&key.to_string()).await.unwrap();
+}
+
+/// The id of the element with the focus ("" for one without an id).
+async fn focused_id(b: &Browser) -> String {
+    b.js("return document.activeElement ? document.activeElement.id : ''")
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Policy 4.2.1 for a user without a mouse: every control of the page is
+/// reached with Tab, the focused one is outlined, and a field is corrected
+/// with the keyboard alone (Tab to it, type, Enter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_used_from_the_keyboard_alone() {
+    use fantoccini::key::Key;
+    let s = Server::start().await;
+    let order = s.token("order-service", &["order"], &["read", "write"]).await;
+    let shop = s.token("shop-backend", &["subject_access"], &["grant"]).await;
+    let id = s.create(&order, full_subject()).await;
+    let b = Browser::start(&s).await;
+    b.open(&link_url(&s, &shop, &id).await).await;
+    b.until_text("value-given_name", |t| t.contains("Aigerim")).await;
+
+    // Every enabled control on screen, in document order.
+    let controls: Vec<String> = serde_json::from_value(
+        b.js(
+            "return [...document.querySelectorAll('a[href],button,input,select,textarea')]\
+              .filter(e => !e.disabled && e.offsetParent !== null)\
+              .map(e => e.id)",
+        )
+        .await,
+    )
+    .unwrap();
+    assert!(controls.contains(&"input-phone".to_owned()), "{controls:?}");
+    assert!(controls.contains(&"erase".to_owned()), "{controls:?}");
+    let mut reached = Vec::new();
+    for _ in 0..controls.len() + 10 {
+        press(&b, Key::Tab).await;
+        let f = focused_id(&b).await;
+        if controls.contains(&f) && !reached.contains(&f) {
+            // Focus is shown where it is (`:focus-visible` outline).
+            let outline = b
+                .js("return getComputedStyle(document.activeElement).outlineStyle")
+                .await;
+            assert_ne!(outline, json!("none"), "#{f} has the focus and no outline");
+            reached.push(f);
+        }
+    }
+    let missed: Vec<_> = controls.iter().filter(|c| !reached.contains(c)).collect();
+    assert!(missed.is_empty(), "Tab never reaches {missed:?}");
+
+    // Correct the phone: Tab to it, type, Enter.
+    b.open(&link_url(&s, &shop, &id).await).await;
+    b.until_text("value-given_name", |t| t.contains("Aigerim")).await;
+    let mut tabs = 0;
+    while focused_id(&b).await != "input-phone" {
+        assert!(tabs < controls.len() + 10, "Tab never reached the phone");
+        press(&b, Key::Tab).await;
+        tabs += 1;
+    }
+    let phone = b.client.active_element().await.unwrap();
+    phone.clear().await.unwrap();
+    phone.send_keys("+7 701 555 44 33").await.unwrap();
+    press(&b, Key::Enter).await;
+    b.until_text("value-phone", |t| t.contains("+77015554433")).await;
+    let api = s.get(&format!("/v1/subjects/{id}"), &order, Some("order")).await;
+    assert_eq!(api.body["fields"]["phone"], "+77015554433");
+    b.client.clone().close().await.unwrap();
+}
