@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Two server builds compared in one session: the load benchmark's chosen parts
 run against build A, then B, then A, then B... (`--rounds`), so that both see
-the same machine and the same noise; reports each build's median req/s per
-scenario and the ratio B / A.
+the same machine and the same noise; reports each build's median req/s and
+median p99 latency per scenario, and their ratios B / A.
 
     cargo bench --bench load --no-run          # the load driver
     python3 benches/ab_load.py OLD_BIN NEW_BIN [--only read_delivery] [--rounds 3] [--secs 10]
@@ -34,7 +34,7 @@ def run(binary, only, secs):
         except ValueError:
             continue
         if "scenario" in r and "rps" in r:
-            rows[f'{r["scenario"]}@{r["connections"]}'] = r["rps"]
+            rows[f'{r["scenario"]}@{r["connections"]}'] = (r["rps"], r.get("p99_ms"))
     return rows
 
 
@@ -51,13 +51,23 @@ def main():
         for side in ("a", "b"):
             rows = run(getattr(o, side), o.only, o.secs)
             got[side].append(rows)
-            print(json.dumps({"round": i + 1, "build": side, "rps": rows}), flush=True)
+            print(json.dumps({"round": i + 1, "build": side,
+                              "rps": {n: v[0] for n, v in rows.items()},
+                              "p99_ms": {n: v[1] for n, v in rows.items()}}), flush=True)
     names = sorted(set().union(*[r.keys() for r in got["a"] + got["b"]]))
+    def median(side, n, i):
+        vals = [r[n][i] for r in got[side] if n in r and r[n][i] is not None]
+        return statistics.median(vals) if vals else None
+
+    def ratio(a, b):
+        return round(b / a, 3) if a and b is not None else None
+
     for n in names:
-        a = statistics.median(r[n] for r in got["a"] if n in r)
-        b = statistics.median(r[n] for r in got["b"] if n in r)
+        a, b = median("a", n, 0), median("b", n, 0)
+        a99, b99 = median("a", n, 1), median("b", n, 1)
         print(json.dumps({"scenario": n, "a_median_rps": round(a, 1), "b_median_rps": round(b, 1),
-                          "ratio_b_over_a": round(b / a, 3) if a else None,
+                          "ratio_b_over_a": ratio(a, b),
+                          "a_median_p99_ms": a99, "b_median_p99_ms": b99, "p99_ratio_b_over_a": ratio(a99, b99),
                           "a": o.a, "b": o.b, "rounds": o.rounds}))
 
 
