@@ -10,7 +10,8 @@ use crate::policy::Capability;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi, ToResponse, ToSchema};
+use utoipa::openapi::{response::Response, Ref, RefOr};
+use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToResponse, ToSchema};
 
 /// The description of the whole API (the document's `info.description`).
 const API_DESCRIPTION: &str = "pdvault keeps personal data encrypted under a per-subject data key and \
@@ -316,6 +317,43 @@ problem_response!(
     "`audit_unavailable`: the audit record could not be made durable, so nothing was released; or \
      `storage_unavailable`."
 );
+
+/// The problems most operations share, each written once: in an operation's
+/// `responses(...)` these stand for their status lines, in status order.
+fn problems(list: [(&str, &str); 3]) -> BTreeMap<String, RefOr<Response>> {
+    list.into_iter()
+        .map(|(status, name)| (status.to_owned(), RefOr::Ref(Ref::from_response_name(name))))
+        .collect()
+}
+
+/// `400`, `401` and `403`: the request, its token or what the token may do
+/// refused.
+pub struct Refused;
+
+impl IntoResponses for Refused {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems([
+            ("400", BadRequest::response().0),
+            ("401", Unauthorized::response().0),
+            ("403", Forbidden::response().0),
+        ])
+    }
+}
+
+/// `429`, `500` and `503`: what any operation with a token may answer
+/// whatever it asks (a throttled peer, an internal failure, the audit log or
+/// the store unavailable).
+pub struct NotServed;
+
+impl IntoResponses for NotServed {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems([
+            ("429", TooManyRequests::response().0),
+            ("500", InternalError::response().0),
+            ("503", ServiceUnavailable::response().0),
+        ])
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Field values.

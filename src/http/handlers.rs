@@ -209,14 +209,10 @@ impl Drop for FieldsBody {
                 ("GetAccessLog" = (operation_id = "getAccessLog", parameters(("id" = "$response.body#/id")))),
                 ("CreateSelfServiceLink" = (operation_id = "createSelfServiceLink", parameters(("id" = "$response.body#/id"))))
             )),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 413, response = apidoc::PayloadTooLarge),
         (status = 422, response = apidoc::UnprocessableEntity),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn create(State(st): S, c: Caller, JsonBody(b): JsonBody<FieldsBody>) -> ApiResult {
@@ -264,14 +260,10 @@ fn parse_field_list(query: Option<&str>) -> Result<Option<Vec<String>>, ApiError
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::FieldsQuery),
     responses(
         (status = 200, description = "The released fields.", body = apidoc::ReleasedSubject, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn read(State(st): S, c: Caller, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
@@ -306,17 +298,13 @@ fn parse_if_match(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
     request_body = apidoc::FieldsPatchBody,
     responses(
         (status = 200, description = "Changed.", body = apidoc::SubjectVersion, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
         (status = 412, response = apidoc::PreconditionFailed),
         (status = 413, response = apidoc::PayloadTooLarge),
         (status = 422, response = apidoc::UnprocessableEntity),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn patch(
@@ -346,13 +334,9 @@ pub async fn patch(
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
     responses(
         (status = 200, description = "The erasure receipt.", body = apidoc::ErasureReceipt, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn erase(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
@@ -391,9 +375,7 @@ fn item_error(id: Option<&str>, e: &VaultError) -> Value {
         (status = 400, response = apidoc::BadRequest),
         (status = 401, response = apidoc::Unauthorized),
         (status = 413, response = apidoc::PayloadTooLarge),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn batch_get(State(st): S, c: Caller, BatchBody(b): BatchBody<BatchGetBody>) -> ApiResult {
@@ -447,9 +429,7 @@ pub struct BatchCreateBody {
         (status = 400, response = apidoc::BadRequest),
         (status = 401, response = apidoc::Unauthorized),
         (status = 413, response = apidoc::PayloadTooLarge),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn batch_create(State(st): S, c: Caller, BatchBody(b): BatchBody<BatchCreateBody>) -> ApiResult {
@@ -501,15 +481,11 @@ pub struct LookupBody {
     request_body = LookupBody,
     responses(
         (status = 200, description = "The subject found.", body = apidoc::LookupResult, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 413, response = apidoc::PayloadTooLarge),
         (status = 422, response = apidoc::UnprocessableEntity),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn lookup(State(st): S, c: Caller, JsonBody(mut b): JsonBody<LookupBody>) -> ApiResult {
@@ -531,14 +507,10 @@ pub async fn lookup(State(st): S, c: Caller, JsonBody(mut b): JsonBody<LookupBod
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
     responses(
         (status = 200, description = "The consents.", body = apidoc::Consents, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn consents(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
@@ -569,15 +541,11 @@ pub struct ConsentBody {
     request_body = ConsentBody,
     responses(
         (status = 200, description = "The record made.", body = apidoc::ConsentRecord, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
         (status = 413, response = apidoc::PayloadTooLarge),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn set_consent(
@@ -603,14 +571,10 @@ pub async fn set_consent(
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::AccessLogQuery),
     responses(
         (status = 200, description = "A page of releases.", body = apidoc::AccessLogPage, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn access_log(
@@ -686,14 +650,10 @@ fn token_answer(rec: &crate::tokens::TokenRecord, secret: &crate::tokens::TokenS
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
     responses(
         (status = 201, description = "The link.", body = apidoc::SelfServiceLink, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn self_service_link(State(st): S, c: Caller, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
@@ -741,9 +701,7 @@ pub struct SessionBody {
         (status = 400, response = apidoc::BadRequest),
         (status = 401, response = apidoc::Unauthorized),
         (status = 413, response = apidoc::PayloadTooLarge),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
     security(()),
 )]
@@ -785,9 +743,7 @@ pub async fn self_session(State(st): S, a: Anonymous, JsonBody(b): JsonBody<Sess
         (status = 204, description = "The session is over: its token is refused from now on.", headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
         (status = 401, response = apidoc::Unauthorized),
         (status = 403, response = apidoc::Forbidden),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn end_self_session(State(st): S, c: Caller) -> ApiResult {
@@ -809,13 +765,9 @@ pub async fn end_self_session(State(st): S, c: Caller) -> ApiResult {
     request_body = GrantBody,
     responses(
         (status = 201, description = "The grant; `token` is shown this once.", body = apidoc::TokenIssued, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 413, response = apidoc::PayloadTooLarge),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn mint_grant(State(st): S, c: Caller, JsonBody(b): JsonBody<GrantBody>) -> ApiResult {
@@ -864,13 +816,9 @@ pub struct IssueBody {
     responses(
         (status = 201, description = "The token; `token` is shown this once.", body = apidoc::TokenIssued, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token.")),
             links(("RevokeToken" = (operation_id = "revokeToken", parameters(("id" = "$response.body#/id")))))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 413, response = apidoc::PayloadTooLarge),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn issue_token(State(st): S, c: Caller, JsonBody(b): JsonBody<IssueBody>) -> ApiResult {
@@ -898,12 +846,8 @@ pub async fn issue_token(State(st): S, c: Caller, JsonBody(b): JsonBody<IssueBod
     params(RequestIdHeader),
     responses(
         (status = 200, description = "The tokens.", body = apidoc::TokenList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::Refused,
+        apidoc::NotServed
     ),
 )]
 pub async fn list_tokens(State(st): S, c: Caller) -> ApiResult {
@@ -925,13 +869,9 @@ pub async fn list_tokens(State(st): S, c: Caller) -> ApiResult {
     params(("id" = String, Path, description = "The token id (`tok_...`)."), RequestIdHeader),
     responses(
         (status = 200, description = "The token, revoked.", body = apidoc::TokenDescription, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn revoke_token(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
@@ -952,12 +892,8 @@ pub async fn revoke_token(State(st): S, c: Caller, Path(id): Path<String>) -> Ap
     params(RequestIdHeader, apidoc::EventsQuery),
     responses(
         (status = 200, description = "The events.", body = apidoc::EventList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::Refused,
+        apidoc::NotServed
     ),
 )]
 pub async fn list_events(State(st): S, c: Caller, Query(q): Query<HashMap<String, String>>) -> ApiResult {
@@ -980,13 +916,9 @@ pub async fn list_events(State(st): S, c: Caller, Query(q): Query<HashMap<String
     params(("id" = String, Path, description = "The event id (`msg_...`)."), RequestIdHeader),
     responses(
         (status = 200, description = "Re-queued.", body = apidoc::EventRetry, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
+        apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::NotServed
     ),
 )]
 pub async fn retry_event(State(st): S, c: Caller, Path(id): Path<String>) -> ApiResult {
@@ -1013,12 +945,8 @@ pub async fn retry_event(State(st): S, c: Caller, Path(id): Path<String>) -> Api
     params(RequestIdHeader),
     responses(
         (status = 200, description = "The status.", body = apidoc::Status, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::Refused,
+        apidoc::NotServed
     ),
 )]
 pub async fn status(State(st): S, c: Caller) -> ApiResult {
@@ -1042,12 +970,8 @@ pub async fn status(State(st): S, c: Caller) -> ApiResult {
     params(RequestIdHeader),
     responses(
         (status = 200, description = "Rotated.", body = apidoc::Rotation, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::Refused,
+        apidoc::NotServed
     ),
 )]
 pub async fn rotate_kek(State(st): S, c: Caller) -> ApiResult {
@@ -1068,12 +992,8 @@ pub async fn rotate_kek(State(st): S, c: Caller) -> ApiResult {
     params(RequestIdHeader),
     responses(
         (status = 200, description = "The snapshot.", content_type = "application/octet-stream", body = Vec<u8>, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Content-Disposition" = String, description = "`attachment; filename=\"pdvault.pdvbak\"`."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::Refused,
+        apidoc::NotServed
     ),
 )]
 pub async fn backup(State(st): S, c: Caller) -> ApiResult {
@@ -1121,12 +1041,8 @@ pub async fn backup(State(st): S, c: Caller) -> ApiResult {
     params(RequestIdHeader),
     responses(
         (status = 200, description = "The metrics.", content_type = "text/plain", body = String, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
-        (status = 400, response = apidoc::BadRequest),
-        (status = 401, response = apidoc::Unauthorized),
-        (status = 403, response = apidoc::Forbidden),
-        (status = 429, response = apidoc::TooManyRequests),
-        (status = 500, response = apidoc::InternalError),
-        (status = 503, response = apidoc::ServiceUnavailable)
+        apidoc::Refused,
+        apidoc::NotServed
     ),
 )]
 pub async fn metrics(State(st): S, c: Caller) -> ApiResult {
