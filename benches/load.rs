@@ -36,7 +36,8 @@
 //! - `PDVAULT_LOAD_POSTGRES=0` leaves the postgres backend out;
 //! - `PDVAULT_LOAD_BIN` the server binary to start (default: this build's);
 //! - `PDVAULT_LOAD_ONLY` a comma list of the parts to run (scenario names,
-//!   `read_delivery_audit_unflushed`, `baseline_tls`, `scale`, `postgres`);
+//!   `read_delivery_audit_unflushed`, `read_delivery_beside_batches`,
+//!   `baseline_tls`, `scale`, `postgres`);
 //!   unset runs everything. For a quick before/after of one path, e.g.
 //!   `PDVAULT_LOAD_ONLY=create,baseline_tls`.
 
@@ -1106,6 +1107,41 @@ async fn audit_unflushed(opts: &Opts, flushed_rps: f64, report: &mut Report) -> 
     Ok(())
 }
 
+/// `read_delivery` at 16 connections while one more connection sends
+/// `batch_create_1000` back to back, as an import beside the day's reads:
+/// what the reads' latency shows of each batch's unit being applied (the
+/// engine holds its readers while it applies a unit). Compare with
+/// `read_delivery` at 16 connections alone, run earlier on the same vault.
+async fn reads_beside_batches(v: &mut Vault, alone: f64, opts: &Opts, report: &mut Report) {
+    let (reads, batches) = (v.target("delivery"), v.target("order"));
+    let ((rmake, rexpect), (bmake, bexpect)) = (Scenario::ReadDelivery.plan(v), Scenario::BatchCreate1000.plan(v));
+    v.server.reset_peak_rss();
+    let (r, b) = tokio::join!(
+        drive(&reads, rmake, rexpect, 16, opts),
+        drive(&batches, bmake, bexpect, 1, opts)
+    );
+    v.subjects += b.items_all;
+    report.emit(&json!({
+        "scenario": "read_delivery_beside_batches",
+        "connections": 16,
+        "batch_connections": 1,
+        "subjects_loaded": v.subjects,
+        "duration_s": opts.secs,
+        "requests": r.requests,
+        "rps": r.rps,
+        "p50_ms": r.p50,
+        "p99_ms": r.p99,
+        "p999_ms": r.p999,
+        "errors": r.errors + b.errors,
+        "batch_subjects_per_s": b.items_per_s,
+        "rps_ratio_to_alone": ratio(r.rps, alone),
+        "server_peak_rss_mib": v.server.peak_rss_mib(),
+    }));
+    if let Some(e) = r.first_error.or(b.first_error) {
+        eprintln!("read_delivery_beside_batches: first error: {e}");
+    }
+}
+
 async fn run(opts: Opts) -> Res {
     let mut report = Report::create();
     eprintln!("load bench: results also in {}", report.path.display());
@@ -1148,6 +1184,10 @@ async fn run(opts: Opts) -> Res {
         if s == Scenario::ReadDelivery && opts.runs("read_delivery_audit_unflushed") {
             audit_unflushed(&opts, delivery[1], &mut report).await?;
         }
+    }
+    // Last, since its batches add subjects to this vault.
+    if opts.runs("read_delivery_beside_batches") {
+        reads_beside_batches(&mut v, delivery[0], &opts, &mut report).await;
     }
     v.server.stop();
 
