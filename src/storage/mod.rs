@@ -301,6 +301,8 @@ pub struct Commit {
     /// Set by the vault when an event was staged: the sender is woken once
     /// the commit is durable.
     pub has_events: bool,
+    /// Readers may see part of the unit before the rest (`set_piecewise`).
+    piecewise: bool,
 }
 
 impl Commit {
@@ -318,6 +320,20 @@ impl Commit {
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+    /// Lets readers see the unit's changes before all of them are applied,
+    /// where each change stands on its own (new subjects of a batch: in key
+    /// order space by space, a record lands before the index entry that
+    /// points to it). The unit stays one unit for a crash: all of it or
+    /// none. An embedded engine, which holds its readers while it applies a
+    /// unit, then lets them in between parts. Refused with preconditions.
+    pub fn set_piecewise(&mut self) {
+        assert!(self.expect.is_empty(), "a unit with preconditions is applied whole");
+        self.piecewise = true;
+    }
+    /// Whether readers may see part of the unit before the rest.
+    pub fn piecewise(&self) -> bool {
+        self.piecewise && self.expect.is_empty()
     }
     /// How many changes.
     pub fn len(&self) -> usize {

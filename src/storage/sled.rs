@@ -12,7 +12,8 @@
 //! disk, which made every create cost disk writes of sled's own (README,
 //! "Benchmarks"). What a batch gave is kept another way:
 //! - whole to readers: the unit is applied under this engine's write lock,
-//!   which every read takes the read side of;
+//!   which every read takes the read side of (a piecewise unit, new
+//!   subjects of a batch, lets them in between parts of 64 changes);
 //! - whole after a crash: the log tells the engine where it stands through
 //!   an intent, kept in a tree of its own (`log-intent`), and sled recovers
 //!   a prefix of what it was given (`wal` says how the open uses that).
@@ -32,18 +33,38 @@ const POSITION_KEY: &[u8] = b"\xff\xffpdvault:log-position";
 const INTENT_TREE: &[u8] = b"log-intent";
 const INTENT_KEY: &[u8] = b"last";
 
+/// How many changes of a piecewise unit go in between two turns of the
+/// readers (about a millisecond of sled's inserts).
+const PIECE: usize = 64;
+
+type Op<'a> = (Space, &'a [u8], Option<&'a [u8]>);
+
+/// A unit's changes in key order, tree by tree (stable: two changes of one
+/// key keep their order).
+fn sorted(c: &Commit) -> Vec<Op<'_>> {
+    let mut ops: Vec<_> = c.ops().collect();
+    ops.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    ops
+}
+
 pub(super) struct Engine {
     db: ::sled::Db,
     /// Trees by `Space` discriminant; `None` for the other store's spaces.
     trees: Vec<Option<::sled::Tree>>,
     intent: ::sled::Tree,
     /// Taken to write by a unit of work being applied, to read by every
-    /// read: a reader sees a unit whole or not at all.
-    applying: std::sync::RwLock<()>,
+    /// read: a reader sees a unit whole or not at all (a piecewise one part
+    /// by part).
+    applying: parking_lot::RwLock<()>,
     /// Test hook: the next change applied is followed by two waits at this
     /// barrier (so a test can read meanwhile); taken by that change.
     #[cfg(test)]
     mid_unit: std::sync::Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
+    /// Test hook: a piecewise unit, between its first two parts, says so on
+    /// the first channel and waits on the second with the lock let go.
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    between_parts: std::sync::Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 fn err(e: ::sled::Error) -> VaultError {
@@ -89,18 +110,20 @@ impl Engine {
             db,
             trees,
             intent,
-            applying: std::sync::RwLock::new(()),
+            applying: parking_lot::RwLock::new(()),
             #[cfg(test)]
             mid_unit: Default::default(),
+            #[cfg(test)]
+            between_parts: Default::default(),
         })
     }
 
-    fn reading(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.applying.read().unwrap_or_else(|e| e.into_inner())
+    fn reading(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.applying.read()
     }
 
-    fn writing(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.applying.write().unwrap_or_else(|e| e.into_inner())
+    fn writing(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.applying.write()
     }
 
     /// Gives each change of `c` to its tree, one after another, in key
@@ -109,9 +132,11 @@ impl Engine {
     /// The sort is stable, so two changes of one key keep their order; a
     /// unit is seen whole and re-applied whole, so its order is free.
     fn each(&self, c: &Commit) -> Result<()> {
-        let mut ops: Vec<_> = c.ops().collect();
-        ops.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        for (s, k, v) in ops {
+        self.apply_ops(&sorted(c))
+    }
+
+    fn apply_ops(&self, ops: &[Op<'_>]) -> Result<()> {
+        for &(s, k, v) in ops {
             let t = self.tree(s)?;
             match v {
                 Some(v) => t.insert(k, v).map(drop),
@@ -123,6 +148,33 @@ impl Engine {
                 hold.wait();
                 hold.wait();
             }
+        }
+        Ok(())
+    }
+
+    /// Applies a unit whole to readers, or, where it is piecewise
+    /// (`Commit::piecewise`), [`PIECE`] changes at a time with the readers
+    /// let in between: in key order tree by tree, so the `subjects` tree
+    /// is done before the blind index points into it.
+    fn apply_unit(&self, c: &Commit) -> Result<()> {
+        if !c.piecewise() {
+            let _w = self.writing();
+            return self.each(c);
+        }
+        let mut w = self.writing();
+        for (i, piece) in sorted(c).chunks(PIECE).enumerate() {
+            if i > 0 {
+                // Hands the lock to the readers waiting, if any, then takes it back.
+                parking_lot::RwLockWriteGuard::bump(&mut w);
+                #[cfg(test)]
+                if let Some((reached, go)) = self.between_parts.lock().unwrap().take() {
+                    parking_lot::RwLockWriteGuard::unlocked(&mut w, || {
+                        reached.send(()).unwrap();
+                        go.recv().unwrap();
+                    });
+                }
+            }
+            self.apply_ops(piece)?;
         }
         Ok(())
     }
@@ -227,8 +279,7 @@ impl super::wal::Positioned for Engine {
     const INTENT_MAX: usize = 16 * 1024;
 
     fn apply_checked(&self, c: &Commit) -> Result<()> {
-        let _w = self.writing();
-        self.each(c)
+        self.apply_unit(c)
     }
 
     fn set_intent(&self, record: &[u8]) -> Result<()> {
@@ -302,5 +353,62 @@ mod tests {
         writer.join().unwrap();
         reader.join().unwrap();
         assert_eq!(e.count(Space::Subjects).unwrap(), 1);
+    }
+
+    /// A piecewise unit (new subjects of a batch) lets readers in between
+    /// its parts: a read is answered while the unit is half applied, and
+    /// sees the records of the part already in, in key order space by space.
+    #[test]
+    fn a_read_is_let_in_between_the_parts_of_a_piecewise_unit() {
+        use super::super::wal::Positioned;
+        let d = tempfile::tempdir().unwrap();
+        let e = Arc::new(Engine::open(&d.path().join("db"), Space::DATA, 16).unwrap());
+        let (reached_tx, reached) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        *e.between_parts.lock().unwrap() = Some((reached_tx, go_rx));
+        let writer = {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let mut c = Commit::default();
+                for i in 0..=PIECE {
+                    c.insert(Space::Index, format!("ix-s{i:03}"), "s");
+                    c.insert(Space::Subjects, format!("s{i:03}"), "v1");
+                }
+                c.set_piecewise();
+                e.apply_checked(&c).unwrap();
+            })
+        };
+        reached
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the piecewise unit was applied in one part");
+        let (tx, rx) = mpsc::channel();
+        let reader = {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let first = e.get(Space::Subjects, b"s000").unwrap();
+                let index = e.get(Space::Index, b"ix-s000").unwrap();
+                tx.send((first, index)).unwrap();
+            })
+        };
+        let (first, index) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a read waited for the whole of a piecewise unit");
+        // The first part is the `subjects` tree's: a record lands before
+        // the index entry that points to it.
+        assert_eq!((first.as_deref(), index), (Some(&b"v1"[..]), None));
+        go.send(()).unwrap();
+        writer.join().unwrap();
+        reader.join().unwrap();
+        assert_eq!(e.count(Space::Subjects).unwrap(), PIECE as u64 + 1);
+        assert_eq!(e.count(Space::Index).unwrap(), PIECE as u64 + 1);
+    }
+
+    /// A unit with a precondition is never piecewise.
+    #[test]
+    #[should_panic(expected = "applied whole")]
+    fn a_unit_with_a_precondition_cannot_be_piecewise() {
+        let mut c = Commit::default();
+        c.expect(Space::Subjects, "s1", None);
+        c.set_piecewise();
     }
 }

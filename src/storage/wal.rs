@@ -65,7 +65,8 @@ const HEADER: usize = 8;
 pub(super) trait Positioned: Backend {
     /// The largest record kept as an intent.
     const INTENT_MAX: usize;
-    /// Applies a unit whole to readers, as `Backend::apply` does, without
+    /// Applies a unit whole to readers (part by part where it is
+    /// piecewise), as `Backend::apply` does, without
     /// checking its preconditions: the log has checked them under its lock,
     /// which every write of the store holds, so they still hold.
     fn apply_checked(&self, c: &Commit) -> Result<()>;

@@ -753,6 +753,13 @@ impl Vault {
                 kc.expect(Space::Wrapped, crate::storage::dek_key(id, rec.version), None);
             }
         }
+        // New subjects and nothing else (a batch create): readers need not
+        // wait for all of them (README, twelfth pass: a unit of a thousand
+        // subjects held every read for 50 ms and more).
+        let piecewise = c.is_empty() && items.iter().all(|(.., old)| old.is_none());
+        if piecewise {
+            kc.set_piecewise();
+        }
         for (id, _, _, old) in &items {
             if let Some(old) = old {
                 c.expect(Space::Subjects, id, Some(&old.encode()));
@@ -779,6 +786,9 @@ impl Vault {
             }
             c.insert(Space::Activity, activity_key(rec.updated_at, id), []);
             c.insert(Space::Subjects, id, rec.encode());
+        }
+        if piecewise {
+            c.set_piecewise();
         }
         if let Err(e) = self.store.commit(&c).await {
             if matches!(e, VaultError::VersionConflict { .. }) {
