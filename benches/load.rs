@@ -1022,6 +1022,23 @@ impl Scenario {
     }
 }
 
+/// A scenario's report line: its rate, latency and errors.
+fn outcome_line(name: &str, conns: usize, subjects_loaded: u64, o: &Outcome, server: &Server, opts: &Opts) -> Value {
+    json!({
+        "scenario": name,
+        "connections": conns,
+        "subjects_loaded": subjects_loaded,
+        "duration_s": opts.secs,
+        "requests": o.requests,
+        "rps": o.rps,
+        "p50_ms": o.p50,
+        "p99_ms": o.p99,
+        "p999_ms": o.p999,
+        "errors": o.errors,
+        "server_peak_rss_mib": server.peak_rss_mib(),
+    })
+}
+
 /// Runs one scenario and reports its line; returns the requests per second.
 #[allow(clippy::too_many_arguments)]
 async fn run_scenario(
@@ -1037,19 +1054,7 @@ async fn run_scenario(
     let (make, expect) = plan;
     server.reset_peak_rss();
     let o = drive(target, make, expect, conns, opts).await;
-    let mut line = json!({
-        "scenario": name,
-        "connections": conns,
-        "subjects_loaded": subjects_loaded,
-        "duration_s": opts.secs,
-        "requests": o.requests,
-        "rps": o.rps,
-        "p50_ms": o.p50,
-        "p99_ms": o.p99,
-        "p999_ms": o.p999,
-        "errors": o.errors,
-        "server_peak_rss_mib": server.peak_rss_mib(),
-    });
+    let mut line = outcome_line(name, conns, subjects_loaded, &o, server, opts);
     if expect.items > 1 {
         line["items_per_s"] = json!(o.items_per_s);
     }
@@ -1121,22 +1126,12 @@ async fn reads_beside_batches(v: &mut Vault, alone: f64, opts: &Opts, report: &m
         drive(&batches, bmake, bexpect, 1, opts)
     );
     v.subjects += b.items_all;
-    report.emit(&json!({
-        "scenario": "read_delivery_beside_batches",
-        "connections": 16,
-        "batch_connections": 1,
-        "subjects_loaded": v.subjects,
-        "duration_s": opts.secs,
-        "requests": r.requests,
-        "rps": r.rps,
-        "p50_ms": r.p50,
-        "p99_ms": r.p99,
-        "p999_ms": r.p999,
-        "errors": r.errors + b.errors,
-        "batch_subjects_per_s": b.items_per_s,
-        "rps_ratio_to_alone": ratio(r.rps, alone),
-        "server_peak_rss_mib": v.server.peak_rss_mib(),
-    }));
+    let mut line = outcome_line("read_delivery_beside_batches", 16, v.subjects, &r, &v.server, opts);
+    line["errors"] = json!(r.errors + b.errors);
+    line["batch_connections"] = json!(1);
+    line["batch_subjects_per_s"] = json!(b.items_per_s);
+    line["rps_ratio_to_alone"] = json!(ratio(r.rps, alone));
+    report.emit(&line);
     if let Some(e) = r.first_error.or(b.first_error) {
         eprintln!("read_delivery_beside_batches: first error: {e}");
     }
