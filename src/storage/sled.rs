@@ -129,8 +129,9 @@ impl Engine {
     /// Gives each change of `c` to its tree, one after another, in key
     /// order tree by tree: each walks down next to the one before, through
     /// nodes still in the CPU's caches (README, Benchmarks, eighth pass).
-    /// The sort is stable, so two changes of one key keep their order; a
-    /// unit is seen whole and re-applied whole, so its order is free.
+    /// The sort is stable, so two changes of one key keep their order. A
+    /// unit seen whole may go in any order; a piecewise one relies on this
+    /// one (`apply_unit`).
     fn each(&self, c: &Commit) -> Result<()> {
         self.apply_ops(&sorted(c))
     }

@@ -753,9 +753,9 @@ impl Vault {
                 kc.expect(Space::Wrapped, crate::storage::dek_key(id, rec.version), None);
             }
         }
-        // New subjects and nothing else (a batch create): readers need not
-        // wait for all of them (README, twelfth pass: a unit of a thousand
-        // subjects held every read for 50 ms and more).
+        // New subjects and nothing else (a create, a batch create): readers
+        // need not wait for all of them (README, twelfth pass: a unit of a
+        // thousand subjects held every read for 50 ms and more).
         let piecewise = c.is_empty() && items.iter().all(|(.., old)| old.is_none());
         if piecewise {
             kc.set_piecewise();
