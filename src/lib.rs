@@ -28,6 +28,7 @@ pub mod progress;
 pub mod ratelimit;
 pub mod receipt;
 pub mod release;
+pub mod runtime;
 pub mod scheduler;
 pub mod secmem;
 pub mod storage;

@@ -32,6 +32,10 @@ mod deferred;
 pub(crate) use deferred::BATCH as DERIVED_BATCH;
 mod postgres;
 mod sled;
+/// Changes in a unit from which its apply is long work
+/// ([`crate::runtime::long_work`]): a batch create's thousand subjects are
+/// 5,000 changes and take tens of milliseconds; a create is 5.
+const LONG_UNIT: usize = 256;
 mod wal;
 /// For crash tests elsewhere in the crate: a store's files as a crash leaves them.
 #[cfg(test)]
@@ -459,6 +463,9 @@ pub struct Store {
     /// Per stamp counter, the block of values taken ahead and not yet
     /// handed out: next, end (see [`Store::reserve_stamps`]).
     stamps: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    /// Its long units' turn: one applied at a time, as the engine would
+    /// anyway, without holding a thread each while they wait.
+    long_turn: Arc<tokio::sync::Semaphore>,
 }
 
 /// How many stamps a store of one node takes from the persistent counter
@@ -476,6 +483,7 @@ impl Store {
             deferred: Arc::new(deferred::Deferred::new(name, engine.clone())),
             engine,
             stamps: Default::default(),
+            long_turn: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -590,7 +598,11 @@ impl Store {
     }
     /// Applies a unit of work and returns once it is durable.
     pub async fn commit(&self, c: &Commit) -> Result<()> {
-        self.apply(c)?;
+        if c.len() >= LONG_UNIT {
+            crate::runtime::long_work(&self.long_turn, || self.apply(c)).await?;
+        } else {
+            self.apply(c)?;
+        }
         self.flusher.sync().await
     }
     /// The same, for synchronous callers (CLI, startup).

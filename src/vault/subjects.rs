@@ -60,7 +60,8 @@ impl Vault {
         let mut drafts = Vec::with_capacity(subjects.len());
         let mut results: Vec<BatchItem> = Vec::with_capacity(subjects.len());
         let mut pending = Vec::new();
-        for fields in subjects {
+        for (i, fields) in subjects.iter().enumerate() {
+            crate::runtime::pause_every(i).await;
             let names: Vec<String> = fields.keys().cloned().collect();
             let req = Request {
                 purpose: ctx.purpose.as_deref(),
@@ -97,13 +98,12 @@ impl Vault {
         }
         self.record(drafts).await?;
         let _g = self.gate.read().await;
-        let items = pending
-            .into_iter()
-            .map(|(id, n)| {
-                let (w, rec, _) = self.seal_subject(&id, 1, &n, now, now);
-                (id, w, rec, None)
-            })
-            .collect();
+        let mut items = Vec::with_capacity(pending.len());
+        for (i, (id, n)) in pending.into_iter().enumerate() {
+            crate::runtime::pause_every(i).await;
+            let (w, rec, _) = self.seal_subject(&id, 1, &n, now, now);
+            items.push((id, w, rec, None));
+        }
         self.store_subjects(items, Commit::default()).await?;
         Ok(results)
     }
