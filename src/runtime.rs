@@ -52,10 +52,9 @@ mod tests {
         let rt = one_worker();
         let (started, started_rx) = mpsc::channel();
         let (done, done_rx) = mpsc::channel::<()>();
-        let turn = Arc::new(Semaphore::new(1));
-        let t = turn.clone();
+        let turn = Semaphore::new(1);
         let long = rt.spawn(async move {
-            long_work(&t, move || {
+            long_work(&turn, move || {
                 started.send(()).unwrap();
                 // Only the other task can end this wait in time.
                 done_rx.recv_timeout(Duration::from_secs(10)).is_ok()

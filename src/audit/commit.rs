@@ -1,9 +1,11 @@
 //! The committer of a node's audit chain, whichever medium keeps it: one
-//! thread takes every group of entries waiting at once, chains them (`seq`,
-//! `prev`, `hash`), hands the whole group to its [`Sink`] to make durable in
-//! one go (one write and one `fdatasync` for a file, one transaction for a
-//! database), and answers each caller. Nothing advances on a failed group:
-//! the next chains from the last durable entry.
+//! thread takes the entries waiting at once as a group (a large job, such as
+//! a batch's thousand entries, a part at a time while small ones wait),
+//! chains them (`seq`, `prev`, `hash`), hands the group to its [`Sink`] to
+//! make durable in one go (one write and one `fdatasync` for a file, one
+//! transaction for a database), and answers each caller whose entries are
+//! all durable. Nothing advances on a failed group: the next chains from the
+//! last durable entry.
 
 use super::*;
 use std::collections::VecDeque;
