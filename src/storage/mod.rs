@@ -32,10 +32,6 @@ mod deferred;
 pub(crate) use deferred::BATCH as DERIVED_BATCH;
 mod postgres;
 mod sled;
-/// Changes in a unit from which its apply is long work
-/// ([`crate::runtime::long_work`]): a batch create's thousand subjects are
-/// 5,000 changes and take tens of milliseconds; a create is 5.
-const LONG_UNIT: usize = 256;
 mod wal;
 /// For crash tests elsewhere in the crate: a store's files as a crash leaves them.
 #[cfg(test)]
@@ -453,6 +449,11 @@ pub fn check_config(s: &crate::config::StorageConfig) -> std::result::Result<(),
     }
 }
 
+/// Changes in a unit from which its apply is long work
+/// ([`crate::runtime::long_work`]): a batch create's thousand subjects are
+/// 5,000 changes and take tens of milliseconds; a create is 5.
+const LONG_UNIT: usize = 256;
+
 /// A store: one engine's spaces, with the group commit in front of its
 /// durability point. Cloning shares the engine.
 #[derive(Clone)]
@@ -463,8 +464,9 @@ pub struct Store {
     /// Per stamp counter, the block of values taken ahead and not yet
     /// handed out: next, end (see [`Store::reserve_stamps`]).
     stamps: Arc<Mutex<HashMap<String, (u64, u64)>>>,
-    /// Its long units' turn: one applied at a time, as the engine would
-    /// anyway, without holding a thread each while they wait.
+    /// Its long units' turn: one applied at a time (sled's engine applies
+    /// them one at a time anyway; on PostgreSQL, a node no longer sends two
+    /// at once), without holding a thread each while they wait.
     long_turn: Arc<tokio::sync::Semaphore>,
 }
 
