@@ -13,6 +13,7 @@ use crate::http::{self, AppState};
 use crate::keyring::{KdfParams, Keyring};
 use crate::progress::{Progress, Unit};
 use crate::ratelimit::RateLimiter;
+use crate::tokens::{TokenList, TokenRecord};
 use crate::vault::{Ctx, IssueRequest, Vault};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -591,7 +592,7 @@ fn local_ctx(purpose: Option<&str>) -> Ctx {
     }
 }
 
-fn print_json(v: &serde_json::Value) {
+fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
 
@@ -635,33 +636,29 @@ async fn token(g: &Global, cfg: Config, cmd: TokenCmd) -> CliResult {
             };
             println!("{token}");
         }
-        TokenCmd::List => {
-            let v = match remote {
-                Some(r) => r.list_tokens().await.map_err(|e| e.to_string())?,
-                None => {
-                    let v = local(g, cfg)?;
-                    let list = v
-                        .list_tokens(&local_ctx(None), &Vault::local_operator())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    serde_json::json!({"tokens": list.iter().map(|t| t.describe()).collect::<Vec<_>>()})
-                }
-            };
-            print_json(&v);
-        }
-        TokenCmd::Revoke { id } => {
-            let v = match remote {
-                Some(r) => r.revoke_token(&id).await.map_err(|e| e.to_string())?,
-                None => {
-                    let v = local(g, cfg)?;
-                    v.revoke_token(&local_ctx(None), &Vault::local_operator(), &id)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .describe()
-                }
-            };
-            print_json(&v);
-        }
+        TokenCmd::List => match remote {
+            Some(r) => print_json(&r.list_tokens().await.map_err(|e| e.to_string())?),
+            None => {
+                let v = local(g, cfg)?;
+                let list = v
+                    .list_tokens(&local_ctx(None), &Vault::local_operator())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let tokens = list.iter().map(TokenRecord::describe).collect();
+                print_json(&TokenList { tokens });
+            }
+        },
+        TokenCmd::Revoke { id } => match remote {
+            Some(r) => print_json(&r.revoke_token(&id).await.map_err(|e| e.to_string())?),
+            None => {
+                let v = local(g, cfg)?;
+                let rec = v
+                    .revoke_token(&local_ctx(None), &Vault::local_operator(), &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                print_json(&rec.describe());
+            }
+        },
     }
     Ok(())
 }

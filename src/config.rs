@@ -8,6 +8,7 @@
 //! field schema and the purposes (turned into a `policy::Policy`). Relative
 //! paths are resolved against the working directory.
 
+use crate::events::EventType;
 use crate::fields::FieldType;
 use crate::policy::{Policy, Purpose};
 use crate::release::{form_applies, ReleaseForm};
@@ -400,14 +401,6 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// The event types a subscriber may ask for.
-pub const EVENT_TYPES: &[&str] = &[
-    "subject.erased",
-    "subject.rectified",
-    "consent.changed",
-    "grant.revoked",
-];
-
 fn check_events(e: &EventsConfig) -> Result<(), ConfigError> {
     let bad = |m: String| Err(ConfigError::Invalid(m));
     let mut seen = std::collections::BTreeSet::new();
@@ -427,11 +420,11 @@ fn check_events(e: &EventsConfig) -> Result<(), ConfigError> {
             return bad(format!("events.subscribers.{}: events is empty", s.name));
         }
         for t in &s.events {
-            if !EVENT_TYPES.contains(&t.as_str()) {
+            if !EventType::ALL.iter().any(|k| k.name() == t) {
                 return bad(format!(
                     "events.subscribers.{}: unknown event type {t:?} (known: {})",
                     s.name,
-                    EVENT_TYPES.join(", ")
+                    EventType::ALL.map(EventType::name).join(", ")
                 ));
             }
         }

@@ -64,24 +64,66 @@ pub struct TokenRecord {
 
 impl TokenRecord {
     /// The public description (never the text or its hash).
-    pub fn describe(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "caller": self.caller,
-            "purposes": self.purposes,
-            "capabilities": self.capabilities,
-            "created_at": crate::fsutil::rfc3339(self.created_at),
-            "expires_at": crate::fsutil::rfc3339(self.expires_at),
-            "revoked": self.revoked_at.is_some(),
-            "revoked_at": self.revoked_at.map(crate::fsutil::rfc3339),
-            "cert_subject": self.cert_subject,
-            "kind": if self.grant.is_some() { "grant" } else { "token" },
-            "parent": self.parent,
-            "subjects": self.grant.as_ref().map(|g| &g.subjects),
-            "fields": self.grant.as_ref().map(|g| &g.fields),
-            "max_uses": self.grant.as_ref().and_then(|g| g.max_uses),
-        })
+    pub fn describe(&self) -> TokenDescription {
+        let grant = self.grant.as_ref();
+        TokenDescription {
+            id: self.id.clone(),
+            caller: self.caller.clone(),
+            purposes: self.purposes.clone(),
+            capabilities: self.capabilities.clone(),
+            created_at: crate::fsutil::rfc3339(self.created_at),
+            expires_at: crate::fsutil::rfc3339(self.expires_at),
+            revoked: self.revoked_at.is_some(),
+            revoked_at: self.revoked_at.map(crate::fsutil::rfc3339),
+            cert_subject: self.cert_subject.clone(),
+            kind: if grant.is_some() {
+                TokenKind::Grant
+            } else {
+                TokenKind::Token
+            },
+            parent: self.parent.clone(),
+            subjects: grant.map(|g| g.subjects.clone()),
+            fields: grant.map(|g| g.fields.clone()),
+            max_uses: grant.and_then(|g| g.max_uses),
+        }
     }
+}
+
+/// The kind of a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    Token,
+    Grant,
+}
+
+/// A token as stored (never its text).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenDescription {
+    pub id: String,
+    pub caller: String,
+    pub purposes: Vec<String>,
+    pub capabilities: Vec<Capability>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub expires_at: String,
+    pub revoked: bool,
+    #[schema(format = DateTime)]
+    pub revoked_at: Option<String>,
+    pub cert_subject: Option<String>,
+    pub kind: TokenKind,
+    /// For a grant: the token that minted it.
+    pub parent: Option<String>,
+    pub subjects: Option<Vec<String>>,
+    pub fields: Option<Vec<String>>,
+    pub max_uses: Option<u64>,
+}
+
+/// Every token and grant.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenDescription>,
 }
 
 /// An authenticated token, with what the decision needs.

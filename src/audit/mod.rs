@@ -402,39 +402,67 @@ fn access_record(e: &AuditEntry, chain: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     Some((access_key(s, e.seq, chain), postcard::to_stdvec(&r).expect("postcard")))
 }
 
+/// One release of this subject's data (never values).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AccessLogEntry {
+    pub seq: u64,
+    #[schema(format = DateTime)]
+    pub at: String,
+    pub caller: Option<String>,
+    pub purpose: Option<String>,
+    #[schema(example = "read")]
+    pub action: String,
+    pub fields: Vec<String>,
+    pub request_id: String,
+}
+
+/// A page of the access log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AccessLogPage {
+    pub id: String,
+    pub entries: Vec<AccessLogEntry>,
+    /// Cursor for `?after=` of the next page; null on the last page.
+    pub next: Option<String>,
+}
+
 /// A page of a subject's access log: entries after `after`, at most `limit`,
 /// and where the next page starts if there is one.
-pub fn access_page(
-    store: &Store,
-    subject: &str,
-    after: &AccessCursor,
-    limit: usize,
-) -> Result<(Vec<serde_json::Value>, Option<AccessCursor>)> {
+pub fn access_page(store: &Store, subject: &str, after: &AccessCursor, limit: usize) -> Result<AccessLogPage> {
     // The first key after the cursor's own.
     let mut start = access_key(subject, after.seq, &after.chain);
     start.push(0);
     let mut prefix = subject.as_bytes().to_vec();
     prefix.push(0);
-    let mut out = Vec::new();
+    let mut page = AccessLogPage {
+        id: subject.to_owned(),
+        entries: Vec::new(),
+        next: None,
+    };
     let mut last = None;
     for kv in store.scan_from(Space::Access, &prefix, &start) {
         let (k, v) = kv?;
-        if out.len() == limit {
-            return Ok((out, last));
+        if page.entries.len() == limit {
+            page.next = last.as_ref().map(AccessCursor::to_string);
+            return Ok(page);
         }
         let (seq, chain) = k[prefix.len()..].split_at(8);
         let seq = u64::from_be_bytes(seq.try_into().expect("8 bytes"));
         let r: AccessRecord = postcard::from_bytes(&v).map_err(|_| VaultError::internal("corrupt access index"))?;
-        out.push(serde_json::json!({
-            "seq": seq, "at": r.at, "caller": r.caller, "purpose": r.purpose,
-            "action": r.action, "fields": r.fields, "request_id": r.request_id,
-        }));
+        page.entries.push(AccessLogEntry {
+            seq,
+            at: r.at.to_owned(),
+            caller: r.caller.map(str::to_owned),
+            purpose: r.purpose.map(str::to_owned),
+            action: r.action.to_owned(),
+            fields: r.fields.into_iter().map(str::to_owned).collect(),
+            request_id: r.request_id.to_owned(),
+        });
         last = Some(AccessCursor {
             seq,
             chain: chain.to_vec(),
         });
     }
-    Ok((out, None))
+    Ok(page)
 }
 
 /// Who received a subject's data, from its access-log index: each caller

@@ -20,6 +20,41 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
+// The event types this vault sends: the one list that the configuration's
+// check, the events made and the API document read.
+/// An event type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub enum EventType {
+    #[serde(rename = "subject.erased")]
+    SubjectErased,
+    #[serde(rename = "subject.rectified")]
+    SubjectRectified,
+    #[serde(rename = "consent.changed")]
+    ConsentChanged,
+    #[serde(rename = "grant.revoked")]
+    GrantRevoked,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 4] = [
+        EventType::SubjectErased,
+        EventType::SubjectRectified,
+        EventType::ConsentChanged,
+        EventType::GrantRevoked,
+    ];
+
+    /// Its name on the wire and in `events.subscribers.*.events` (the
+    /// serde name above; a test holds the two together).
+    pub fn name(self) -> &'static str {
+        match self {
+            EventType::SubjectErased => "subject.erased",
+            EventType::SubjectRectified => "subject.rectified",
+            EventType::ConsentChanged => "consent.changed",
+            EventType::GrantRevoked => "grant.revoked",
+        }
+    }
+}
+
 /// An event as recorded, before delivery.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventRecord {
@@ -58,7 +93,8 @@ impl EventRecord {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A delivery state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
     Pending,
@@ -83,7 +119,7 @@ pub struct Delivery {
 
 /// What a change reports, before it is staged.
 pub struct NewEvent {
-    pub kind: &'static str,
+    pub kind: EventType,
     pub subject: Option<String>,
     pub data: Value,
     pub per_subscriber: BTreeMap<String, Value>,
@@ -145,7 +181,7 @@ pub fn now_ms() -> u64 {
 pub fn targets<'a>(cfg: &'a EventsConfig, ev: &NewEvent) -> Vec<&'a SubscriberConfig> {
     cfg.subscribers
         .iter()
-        .filter(|s| s.wants(ev.kind))
+        .filter(|s| s.wants(ev.kind.name()))
         .filter(|s| match &ev.audience {
             Some(caller) => s.callers().iter().any(|c| c == caller),
             None => true,
@@ -155,7 +191,7 @@ pub fn targets<'a>(cfg: &'a EventsConfig, ev: &NewEvent) -> Vec<&'a SubscriberCo
 
 impl NewEvent {
     /// An event about one subject, told alike to every subscriber that asked.
-    pub fn about(kind: &'static str, subject: &str, data: Value) -> NewEvent {
+    pub fn about(kind: EventType, subject: &str, data: Value) -> NewEvent {
         NewEvent {
             kind,
             subject: Some(subject.to_owned()),
@@ -182,7 +218,7 @@ pub fn stage(store: &Store, cfg: &EventsConfig, c: &mut Commit, ev: NewEvent) ->
         id: ev
             .id
             .unwrap_or_else(|| format!("msg_{}", uuid::Uuid::new_v4().simple())),
-        kind: ev.kind.to_owned(),
+        kind: ev.kind.name().to_owned(),
         subject: ev.subject.clone(),
         created_at: now,
         data: ev.data,
@@ -216,8 +252,8 @@ pub fn stage(store: &Store, cfg: &EventsConfig, c: &mut Commit, ev: NewEvent) ->
 /// The fixed message id of an event that can be staged twice for one fact
 /// (a subject's erasure, a grant's revocation: replayed from their ledgers
 /// after a crash or a restore), so that receivers see one id.
-pub fn fixed_event_id(kind: &str, key: &str) -> String {
-    let h = crate::crypto::sha256(format!("pdvault/event/{kind}/{key}").as_bytes());
+pub fn fixed_event_id(kind: EventType, key: &str) -> String {
+    let h = crate::crypto::sha256(format!("pdvault/event/{}/{key}", kind.name()).as_bytes());
     format!("msg_{}", hex::encode(&h[..16]))
 }
 
@@ -291,25 +327,39 @@ pub enum Filter {
     Dead,
 }
 
-/// An undelivered event as the operator sees it.
-#[derive(Debug, Clone, Serialize)]
+/// An event not yet delivered to every subscriber.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = PendingEvent)]
 pub struct EventView {
+    /// The Standard Webhooks message id (`webhook-id`).
     pub id: String,
     #[serde(rename = "type")]
+    #[schema(value_type = EventType)]
     pub kind: String,
     pub subject: Option<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
     pub deliveries: Vec<DeliveryView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One subscriber's delivery of an event.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Delivery)]
 pub struct DeliveryView {
     pub subscriber: String,
     pub state: DeliveryState,
     pub attempts: u32,
+    #[schema(format = DateTime)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<String>,
+    /// HTTP status or transport failure of the last attempt; never a body.
     pub last_error: Option<String>,
+}
+
+/// Undelivered events, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventList {
+    pub events: Vec<EventView>,
 }
 
 impl Filter {
@@ -430,6 +480,13 @@ mod tests {
     }
 
     #[test]
+    fn an_event_type_is_named_alike_on_the_wire_and_in_the_config() {
+        for k in EventType::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
+        }
+    }
+
+    #[test]
     fn events_reach_only_who_asked_and_grant_events_only_the_holder() {
         let cfg = EventsConfig {
             subscribers: vec![
@@ -447,14 +504,17 @@ mod tests {
             id: None,
         };
         let names = |v: Vec<&SubscriberConfig>| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(targets(&cfg, &ev("subject.erased", None))), ["orders"]);
-        assert!(targets(&cfg, &ev("consent.changed", None)).is_empty());
+        assert_eq!(names(targets(&cfg, &ev(EventType::SubjectErased, None))), ["orders"]);
+        assert!(targets(&cfg, &ev(EventType::ConsentChanged, None)).is_empty());
         assert_eq!(
-            names(targets(&cfg, &ev("grant.revoked", Some("courier-2")))),
+            names(targets(&cfg, &ev(EventType::GrantRevoked, Some("courier-2")))),
             ["courier"]
         );
-        assert_eq!(names(targets(&cfg, &ev("grant.revoked", Some("orders")))), ["orders"]);
-        assert!(targets(&cfg, &ev("grant.revoked", Some("payments"))).is_empty());
+        assert_eq!(
+            names(targets(&cfg, &ev(EventType::GrantRevoked, Some("orders")))),
+            ["orders"]
+        );
+        assert!(targets(&cfg, &ev(EventType::GrantRevoked, Some("payments"))).is_empty());
     }
 
     /// A store with `n` `consent.changed` events (subjects s0, s1, ...)
@@ -471,7 +531,7 @@ mod tests {
         for i in 0..n {
             let mut c = Commit::default();
             let ev = NewEvent {
-                kind: "consent.changed",
+                kind: EventType::ConsentChanged,
                 subject: Some(format!("s{i}")),
                 data: json!({"subject": format!("s{i}")}),
                 per_subscriber: [("a".to_string(), json!({"only": "a"}))].into(),

@@ -594,66 +594,6 @@ pub struct LookupResult {
     pub id: String,
 }
 
-/// The latest consent record of a purpose.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct ConsentState {
-    granted: bool,
-    #[schema(format = DateTime)]
-    at: String,
-    policy_version: String,
-}
-
-/// One consent record.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct ConsentRecord {
-    purpose: String,
-    granted: bool,
-    #[schema(format = DateTime)]
-    at: String,
-    policy_version: String,
-    /// Who recorded it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    caller: Option<String>,
-    /// The purpose the change was sent under.
-    via: Option<String>,
-}
-
-/// A subject's consents: the latest record per purpose and every record, oldest first.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct Consents {
-    id: String,
-    consents: BTreeMap<String, ConsentState>,
-    history: Vec<ConsentRecord>,
-}
-
-/// One release of this subject's data (never values).
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct AccessLogEntry {
-    seq: u64,
-    #[schema(format = DateTime)]
-    at: String,
-    caller: Option<String>,
-    purpose: Option<String>,
-    #[schema(example = "read")]
-    action: String,
-    fields: Vec<String>,
-    request_id: String,
-}
-
-/// A page of the access log.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct AccessLogPage {
-    id: String,
-    entries: Vec<AccessLogEntry>,
-    /// Cursor for `?after=` of the next page; null on the last page.
-    next: Option<String>,
-}
-
 /// A new token or grant. `token` is its text, shown this once only.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct TokenIssued {
@@ -666,46 +606,6 @@ pub struct TokenIssued {
     pub caller: String,
     pub purposes: Vec<String>,
     pub capabilities: Vec<Capability>,
-}
-
-/// The kind of a token.
-#[derive(Serialize, ToSchema)]
-#[schema(rename_all = "lowercase")]
-#[allow(dead_code)]
-pub enum TokenKind {
-    Token,
-    Grant,
-}
-
-/// A token as stored (never its text).
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct TokenDescription {
-    id: String,
-    caller: String,
-    purposes: Vec<String>,
-    capabilities: Vec<Capability>,
-    #[schema(format = DateTime)]
-    created_at: String,
-    #[schema(format = DateTime)]
-    expires_at: String,
-    revoked: bool,
-    #[schema(format = DateTime)]
-    revoked_at: Option<String>,
-    cert_subject: Option<String>,
-    kind: TokenKind,
-    /// For a grant: the token that minted it.
-    parent: Option<String>,
-    subjects: Option<Vec<String>>,
-    fields: Option<Vec<String>>,
-    max_uses: Option<u64>,
-}
-
-/// Every token and grant.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct TokenList {
-    tokens: Vec<TokenDescription>,
 }
 
 /// The end of a key rotation.
@@ -734,107 +634,12 @@ pub struct Health {
     pub status: &'static str,
 }
 
-/// An event type.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub enum EventType {
-    #[serde(rename = "subject.erased")]
-    SubjectErased,
-    #[serde(rename = "subject.rectified")]
-    SubjectRectified,
-    #[serde(rename = "consent.changed")]
-    ConsentChanged,
-    #[serde(rename = "grant.revoked")]
-    GrantRevoked,
-}
-
-/// A delivery state.
-#[derive(Serialize, ToSchema)]
-#[schema(rename_all = "lowercase")]
-#[allow(dead_code)]
-pub enum DeliveryState {
-    Pending,
-    Dead,
-}
-
-/// One subscriber's delivery of an event.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct Delivery {
-    subscriber: String,
-    state: DeliveryState,
-    attempts: u32,
-    #[schema(format = DateTime)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next_attempt_at: Option<String>,
-    /// HTTP status or transport failure of the last attempt; never a body.
-    last_error: Option<String>,
-}
-
-/// An event not yet delivered to every subscriber.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct PendingEvent {
-    /// The Standard Webhooks message id (`webhook-id`).
-    id: String,
-    #[serde(rename = "type")]
-    type_: EventType,
-    subject: Option<String>,
-    #[schema(format = DateTime)]
-    created_at: String,
-    deliveries: Vec<Delivery>,
-}
-
-/// Undelivered events, oldest first.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct EventList {
-    events: Vec<PendingEvent>,
-}
-
 /// The end of a retry.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct EventRetry {
     pub id: String,
     /// Dead deliveries sent again.
     pub requeued: u64,
-}
-
-/// The audit chain's head.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct AuditHead {
-    seq: u64,
-    hash: String,
-}
-
-/// The last signed checkpoint of the audit chain.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct Checkpoint {
-    seq: u64,
-    #[schema(format = DateTime)]
-    at: String,
-}
-
-/// The vault at a glance.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct Status {
-    sealed: bool,
-    key_epoch: u64,
-    /// The epoch a rotation under way moves to.
-    rotation_in_progress: Option<u64>,
-    #[schema(format = DateTime)]
-    last_rotation_at: String,
-    #[schema(format = DateTime)]
-    next_rotation_at: String,
-    audit_head: AuditHead,
-    last_checkpoint: Option<Checkpoint>,
-    subjects: u64,
-    erased: u64,
-    tokens: u64,
-    events_pending: u64,
 }
 
 /// A single-use sign-in link to the subject's own page.

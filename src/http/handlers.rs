@@ -6,6 +6,7 @@ use super::extract::{Anonymous, BatchBody, Caller, JsonBody};
 use super::problem::{problem_json, status_of, ApiError};
 use super::AppState;
 use crate::error::VaultError;
+use crate::tokens::{TokenDescription, TokenList, TokenRecord};
 use crate::vault::{BatchItem, GrantRequest, IssueRequest, Released, ReleasedValue};
 use axum::body::Body;
 use axum::extract::{Path, Query, RawQuery, State};
@@ -506,7 +507,7 @@ pub async fn lookup(State(st): S, c: Caller, JsonBody(mut b): JsonBody<LookupBod
     tag = "consents",
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
     responses(
-        (status = 200, description = "The consents.", body = apidoc::Consents, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The consents.", body = crate::vault::Consents, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -540,7 +541,7 @@ pub struct ConsentBody {
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), ("purpose" = String, Path, description = "The purpose the consent is about (e.g. `marketing`); unknown: `404 not_found`."), PurposeHeaders),
     request_body = ConsentBody,
     responses(
-        (status = 200, description = "The record made.", body = apidoc::ConsentRecord, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The record made.", body = crate::vault::ConsentRecord, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -570,7 +571,7 @@ pub async fn set_consent(
     tag = "audit",
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::AccessLogQuery),
     responses(
-        (status = 200, description = "A page of releases.", body = apidoc::AccessLogPage, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "A page of releases.", body = crate::audit::AccessLogPage, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -845,15 +846,15 @@ pub async fn issue_token(State(st): S, c: Caller, JsonBody(b): JsonBody<IssueBod
     tag = "admin",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The tokens.", body = apidoc::TokenList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The tokens.", body = TokenList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
         apidoc::Refused,
         apidoc::NotServed
     ),
 )]
 pub async fn list_tokens(State(st): S, c: Caller) -> ApiResult {
     let list = st.vault.list_tokens(&c.ctx, &c.auth).await?;
-    let tokens: Vec<Value> = list.iter().map(|t| t.describe()).collect();
-    Ok(json_response(StatusCode::OK, &json!({"tokens": tokens})))
+    let tokens = list.iter().map(TokenRecord::describe).collect();
+    Ok(json_response(StatusCode::OK, &TokenList { tokens }))
 }
 
 /// Revoke a token
@@ -868,7 +869,7 @@ pub async fn list_tokens(State(st): S, c: Caller) -> ApiResult {
     tag = "admin",
     params(("id" = String, Path, description = "The token id (`tok_...`)."), RequestIdHeader),
     responses(
-        (status = 200, description = "The token, revoked.", body = apidoc::TokenDescription, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The token, revoked.", body = TokenDescription, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         apidoc::NotServed
@@ -891,7 +892,7 @@ pub async fn revoke_token(State(st): S, c: Caller, Path(id): Path<String>) -> Ap
     tag = "admin",
     params(RequestIdHeader, apidoc::EventsQuery),
     responses(
-        (status = 200, description = "The events.", body = apidoc::EventList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The events.", body = crate::events::EventList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
         apidoc::Refused,
         apidoc::NotServed
     ),
@@ -900,7 +901,7 @@ pub async fn list_events(State(st): S, c: Caller, Query(q): Query<HashMap<String
     let filter = crate::events::Filter::parse(q.get("state").map(String::as_str))
         .ok_or_else(|| ApiError(VaultError::BadRequest("state must be pending, dead or all".into())))?;
     let events = st.vault.list_events(&c.ctx, &c.auth, filter).await?;
-    Ok(json_response(StatusCode::OK, &json!({ "events": events })))
+    Ok(json_response(StatusCode::OK, &crate::events::EventList { events }))
 }
 
 /// Send a dead event again
@@ -944,17 +945,14 @@ pub async fn retry_event(State(st): S, c: Caller, Path(id): Path<String>) -> Api
     tag = "admin",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The status.", body = apidoc::Status, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The status.", body = crate::vault::Status, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
         apidoc::Refused,
         apidoc::NotServed
     ),
 )]
 pub async fn status(State(st): S, c: Caller) -> ApiResult {
     let status = st.vault.admin_status(&c.ctx, &c.auth).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::to_value(status).expect("json"),
-    ))
+    Ok(json_response(StatusCode::OK, &status))
 }
 
 /// Rotate the key-encryption key

@@ -624,16 +624,19 @@ fn split_dn(s: &str) -> Vec<&str> {
 /// At most this many events in one listing (the oldest first).
 const EVENTS_LISTED: usize = 1000;
 
-/// The vault's state at a glance (no personal value, no secret).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// The vault at a glance.
+// No personal value, no secret: `pdvault status` prints it as it is.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Status {
     /// False while a server holds the master key unsealed and serves.
     pub sealed: bool,
     pub key_epoch: u32,
     /// The epoch a rotation under way moves to.
     pub rotation_in_progress: Option<u32>,
+    #[schema(format = DateTime)]
     pub last_rotation_at: String,
     /// `last_rotation_at` + `keys.rotate_every`.
+    #[schema(format = DateTime)]
     pub next_rotation_at: String,
     pub audit_head: StatusHead,
     pub last_checkpoint: Option<StatusCheckpoint>,
@@ -646,14 +649,19 @@ pub struct Status {
     pub events_pending: u64,
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// The audit chain's head.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = AuditHead)]
 pub struct StatusHead {
     pub seq: u64,
     pub hash: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// The last signed checkpoint of the audit chain.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = Checkpoint)]
 pub struct StatusCheckpoint {
     pub seq: u64,
+    #[schema(format = DateTime)]
     pub at: String,
 }

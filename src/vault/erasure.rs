@@ -177,8 +177,8 @@ fn purge_subject(store: &Store, e: &LedgerEntry, events: &crate::config::EventsC
         let data = json!({"subject": id, "receipt": e.receipt, "signature": e.signature});
         let ev = NewEvent {
             per_subscriber,
-            id: Some(crate::events::fixed_event_id("subject.erased", id)),
-            ..NewEvent::about("subject.erased", id, data)
+            id: Some(crate::events::fixed_event_id(EventType::SubjectErased, id)),
+            ..NewEvent::about(EventType::SubjectErased, id, data)
         };
         crate::events::stage(store, events, &mut c, ev)?;
     }

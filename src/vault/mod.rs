@@ -8,8 +8,8 @@
 //! -> sealed fields (data store, flushed) -> old key version removed.
 //!
 //! This file holds the types, opening, the decision and audit plumbing and the
-//! key/field helpers; `subjects` (create, read, edit, lookup, consents, access
-//! log), `erasure` (shred, retention, ledger replay, restore) and `admin`
+//! key/field helpers; `subjects` (create, read, edit, lookup, access log),
+//! `consents`, `erasure` (shred, retention, ledger replay, restore) and `admin`
 //! (tokens, grants, rotation, backup) and `selfservice` (links and sessions
 //! of the subject's own page) add the operations.
 
@@ -17,7 +17,7 @@ use crate::audit::{AuditLog, Draft};
 use crate::config::Config;
 use crate::crypto::{Aead256, DataKey, Plaintext};
 use crate::error::{Result, VaultError};
-use crate::events::NewEvent;
+use crate::events::{EventType, NewEvent};
 use crate::fields::{normalize, FieldType};
 use crate::fsutil::{now_secs, rfc3339};
 use crate::keyring::Keyring;
@@ -198,12 +198,14 @@ fn consent_prefix(id: &str) -> Vec<u8> {
 type Normalized = Vec<(String, Plaintext)>;
 
 mod admin;
+mod consents;
 mod erasure;
 mod nodes;
 mod selfservice;
 mod subjects;
 
-pub use admin::cert_matches;
+pub use admin::{cert_matches, Status, StatusCheckpoint, StatusHead};
+pub use consents::{ConsentRecord, ConsentState, Consents};
 pub use erasure::{replay_ledger, restore};
 use nodes::keyring_error;
 pub use nodes::{HEARTBEAT, LIVE_WINDOW};
@@ -823,7 +825,7 @@ impl Vault {
 fn grant_revoked_event(rec: &TokenRecord) -> Option<NewEvent> {
     let g = rec.grant.as_ref().filter(|g| !g.self_service)?;
     Some(NewEvent {
-        kind: "grant.revoked",
+        kind: EventType::GrantRevoked,
         subject: None,
         data: json!({
             "grant": rec.id,
@@ -833,7 +835,7 @@ fn grant_revoked_event(rec: &TokenRecord) -> Option<NewEvent> {
         }),
         per_subscriber: Default::default(),
         audience: Some(rec.caller.clone()),
-        id: Some(crate::events::fixed_event_id("grant.revoked", &rec.id)),
+        id: Some(crate::events::fixed_event_id(EventType::GrantRevoked, &rec.id)),
     })
 }
 

@@ -1,5 +1,5 @@
-//! Subject operations: create, read, edit, lookup, batches, consents and the
-//! subject's access log.
+//! Subject operations: create, read, edit, lookup, batches and the
+//! subject's access log (consents are `consents`).
 
 use super::*;
 
@@ -301,7 +301,7 @@ impl Vault {
         let mut c = Commit::default();
         changed.sort();
         let data = json!({"subject": id, "fields": changed, "version": version});
-        self.stage_event(&mut c, NewEvent::about("subject.rectified", id, data))?;
+        self.stage_event(&mut c, NewEvent::about(EventType::SubjectRectified, id, data))?;
         self.store_subjects(vec![(id.to_owned(), w, new_rec, Some(rec))], c)
             .await?;
         Ok((id.to_owned(), version))
@@ -370,134 +370,8 @@ impl Vault {
         Ok(id)
     }
 
-    // ----- consents -----------------------------------------------------------
-
-    /// A subject's consent records, oldest first. A record that fails its
-    /// MAC (forged or altered on disk) is left out and reported: absent
-    /// consent is no consent.
-    fn consent_records(&self, id: &str) -> Result<Vec<Value>> {
-        let mut out = vec![];
-        for kv in self.store.scan(Space::Consents, consent_prefix(id)) {
-            let (k, v) = kv?;
-            match self
-                .records
-                .open("consent", &k, &v)
-                .and_then(|b| serde_json::from_slice(b).ok())
-            {
-                Some(r) => out.push(r),
-                None => {
-                    tracing::error!(subject = %id, "a stored consent record fails its MAC: ignored (the data directory was altered)")
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    pub(super) fn latest_consent(&self, id: &str, purpose: &str) -> Result<Option<bool>> {
-        Ok(self
-            .consent_records(id)?
-            .iter()
-            .rev()
-            .find(|r| r["purpose"] == purpose)
-            .and_then(|r| r["granted"].as_bool()))
-    }
-
-    pub async fn consents(&self, ctx: &Ctx, auth: &Authenticated, id: &str) -> Result<Value> {
-        let (state, _) = self.subject_state(id, ctx.purpose.as_deref())?;
-        self.decide(
-            ctx,
-            auth,
-            Action::ConsentRead,
-            "consent_read",
-            Some(id),
-            state,
-            FieldsAsked::Named(&[]),
-        )
-        .await?;
-        self.take_use(ctx, auth, "consent_read", Some(id)).await?;
-        self.record(vec![self.draft(
-            ctx,
-            Some(auth),
-            "consent_read",
-            Some(id),
-            vec![],
-            None,
-        )])
-        .await?;
-        let mut history = vec![];
-        let mut current = Map::new();
-        for r in self.consent_records(id)? {
-            let p = r["purpose"].as_str().unwrap_or_default().to_owned();
-            current.insert(
-                p,
-                json!({"granted": r["granted"], "at": r["at"], "policy_version": r["policy_version"]}),
-            );
-            history.push(r);
-        }
-        Ok(json!({"id": id, "consents": current, "history": history}))
-    }
-
-    pub async fn set_consent(
-        &self,
-        ctx: &Ctx,
-        auth: &Authenticated,
-        id: &str,
-        purpose: &str,
-        granted: bool,
-    ) -> Result<Value> {
-        let _lock = self.stripe(id).lock().await;
-        let (state, _) = self.subject_state(id, ctx.purpose.as_deref())?;
-        self.decide(
-            ctx,
-            auth,
-            Action::ConsentWrite,
-            "consent_write",
-            Some(id),
-            state,
-            FieldsAsked::Named(&[]),
-        )
-        .await?;
-        if !self.cfg.policy.purposes.contains_key(purpose) {
-            let e = VaultError::NotFound("no such purpose".into());
-            return Err(self.refuse(ctx, auth, "consent_write", Some(id), vec![], e).await);
-        }
-        self.take_use(ctx, auth, "consent_write", Some(id)).await?;
-        self.record(vec![self.draft(
-            ctx,
-            Some(auth),
-            "consent_write",
-            Some(id),
-            vec![],
-            None,
-        )])
-        .await?;
-        let _g = self.gate.read().await;
-        let seq = self.store.next_counter("consent_seq")?;
-        let rec = json!({
-            "purpose": purpose,
-            "granted": granted,
-            "at": rfc3339(now_secs()),
-            "policy_version": self.cfg.policy.version,
-            "caller": auth.record.caller,
-            "via": ctx.purpose,
-        });
-        let mut k = consent_prefix(id);
-        k.extend_from_slice(&seq.to_be_bytes());
-        let sealed = self
-            .records
-            .seal("consent", &k, &serde_json::to_vec(&rec).expect("json"));
-        let mut c = Commit::default();
-        c.insert(Space::Consents, k, sealed);
-        self.touch(&mut c, id)?;
-        let data = json!({"subject": id, "purpose": purpose, "granted": granted});
-        self.stage_event(&mut c, NewEvent::about("consent.changed", id, data))?;
-        self.store.commit(&c).await?;
-        self.committed(&c);
-        Ok(rec)
-    }
-
     /// Marks a write as activity (for the retention sweeper).
-    fn touch(&self, c: &mut Commit, id: &str) -> Result<()> {
+    pub(super) fn touch(&self, c: &mut Commit, id: &str) -> Result<()> {
         if let Some(b) = self.store.get(Space::Subjects, id)? {
             let mut rec = SubjectRecord::decode(&b)?;
             let now = now_secs();
@@ -518,7 +392,7 @@ impl Vault {
         id: &str,
         after: &crate::audit::AccessCursor,
         limit: usize,
-    ) -> Result<Value> {
+    ) -> Result<crate::audit::AccessLogPage> {
         let (state, _) = self.subject_state(id, ctx.purpose.as_deref())?;
         self.decide(
             ctx,
@@ -532,7 +406,6 @@ impl Vault {
         .await?;
         self.record(vec![self.draft(ctx, Some(auth), "access_log", Some(id), vec![], None)])
             .await?;
-        let (entries, next) = crate::audit::access_page(&self.store, id, after, limit.clamp(1, 1000))?;
-        Ok(json!({"id": id, "entries": entries, "next": next.map(|n| n.to_string())}))
+        crate::audit::access_page(&self.store, id, after, limit.clamp(1, 1000))
     }
 }
