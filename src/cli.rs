@@ -321,6 +321,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Backup { file } => backup(cfg, &file).await,
         Command::Restore { file } => restore(cfg, &file),
         Command::Migrate => {
+            check_owner(&cfg)?;
             println!("{}", crate::storage::migrate(&cfg).map_err(|e| e.to_string())?);
             Ok(())
         }
@@ -331,6 +332,7 @@ async fn run(cli: Cli) -> CliResult {
 }
 
 fn init(g: &Global, cfg: Config) -> CliResult {
+    check_owner(&cfg)?;
     let pass = need_passphrase(g, &cfg.keys.dir)?;
     let keyring = Keyring::create(&cfg.keys.dir, pass.as_bytes(), kdf(&cfg)).map_err(|e| e.to_string())?;
     let vault = Vault::open_with(cfg, keyring)?;
@@ -378,9 +380,34 @@ async fn change_passphrase(g: &Global, cfg: Config, new_file: Option<&Path>) -> 
     Ok(())
 }
 
+/// Refuses to act on the directories as root when they belong to another
+/// user (the service's): files made here (the store's log, sled's files,
+/// re-sealed keys) would be root's, and the service could not open them at
+/// its next start. Called before any command opens the directories itself.
+fn check_owner(cfg: &Config) -> CliResult {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    for dir in [&cfg.keys.dir, &cfg.data_dir] {
+        let Ok(uid) = std::fs::metadata(dir).map(|m| m.uid()) else {
+            continue;
+        };
+        if uid != 0 {
+            return Err(format!(
+                "{} belongs to uid {uid}, and this command runs as root: files it made there would be root's, \
+                 and the service could not open them. Run it as that user (for example `sudo -u '#{uid}' pdvault ...`)",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Opens the keys (creating dev material first when asked). A wrong
 /// passphrase ends here, before any file is touched.
 fn open_keys(g: &Global, cfg: &Config, dev: bool) -> CliResult<Keyring> {
+    check_owner(cfg)?;
     let dir = &cfg.keys.dir;
     if Keyring::exists(dir) {
         let pass = need_passphrase(g, dir)?;
@@ -924,6 +951,7 @@ async fn backup(cfg: Config, file: &Path) -> CliResult {
 }
 
 fn restore(cfg: Config, file: &Path) -> CliResult {
+    check_owner(&cfg)?;
     let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let len = f.metadata().map(|m| m.len()).ok();
     let bar = Progress::start("restore", len, Unit::Bytes);

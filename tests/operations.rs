@@ -401,3 +401,54 @@ async fn the_passphrase_changes_offline_and_a_crash_leaves_one_that_opens() {
     let got = s.api_as(&w).read("order", &id, Some(&["surname"])).await.unwrap();
     assert_eq!(got.fields["surname"], "Ivanova");
 }
+
+/// Every path under `dir`, itself included.
+fn tree(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    out.push(dir.to_path_buf());
+    if dir.is_dir() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            tree(&e.unwrap().path(), out);
+        }
+    }
+}
+
+/// An operator who runs an offline command as root on the service's
+/// directories would leave root's files there (the store's log, sled's
+/// files), and the service, running as its own user, could not start. The
+/// command is refused, naming the user to run it as, and makes nothing.
+#[tokio::test]
+async fn root_is_refused_on_the_directories_of_another_user() {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("checked nothing: this test needs root (CI runs as root)");
+        return;
+    }
+    let mut s = Server::start().await;
+    s.stop();
+    const NOBODY: u32 = 65534;
+    let mut before = vec![];
+    for d in [s.keys_dir(), s.data_dir()] {
+        tree(&d, &mut before);
+    }
+    for p in &before {
+        std::os::unix::fs::lchown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    for args in [&["token", "list"][..], &["status"], &["rotate-kek"]] {
+        let (ok, _, err) = run(&s, args);
+        assert!(!ok, "{args:?} ran as root on another user's directories");
+        assert!(err.contains("belongs to uid 65534"), "{args:?}: {err}");
+    }
+    let mut after = vec![];
+    for d in [s.keys_dir(), s.data_dir()] {
+        tree(&d, &mut after);
+    }
+    assert_eq!(before, after, "a refused command changed the directories");
+    for p in &after {
+        assert_eq!(
+            std::fs::symlink_metadata(p).unwrap().uid(),
+            NOBODY,
+            "{} is root's",
+            p.display()
+        );
+    }
+}
