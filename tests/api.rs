@@ -1040,7 +1040,7 @@ async fn the_document_lists_what_is_served_and_problem_types_lead_to_their_entry
             .map(|seg| if seg.starts_with('{') { "x" } else { seg })
             .collect::<Vec<_>>()
             .join("/");
-        for method in item.as_object().unwrap().keys() {
+        for (method, op) in item.as_object().unwrap() {
             ops += 1;
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let r = s.call(m, &concrete, "", None, None).await;
@@ -1051,9 +1051,24 @@ async fn the_document_lists_what_is_served_and_problem_types_lead_to_their_entry
                 r.status,
                 r.text
             );
+            // Every answer carries X-Request-Id, and the document says so
+            // of each one it describes (shared answers are checked below).
+            assert!(r.headers.contains_key("x-request-id"), "{method} {path}");
+            for (status, answer) in op["responses"].as_object().unwrap() {
+                assert!(
+                    answer.get("$ref").is_some() || answer["headers"].get("X-Request-Id").is_some(),
+                    "{method} {path} {status}: no X-Request-Id in the document"
+                );
+            }
         }
     }
     assert!(ops >= 28, "{ops} operations");
+    for (name, answer) in doc["components"]["responses"].as_object().unwrap() {
+        assert!(
+            answer["headers"].get("X-Request-Id").is_some(),
+            "{name}: no X-Request-Id in the document"
+        );
+    }
     let r = s.call(Method::PUT, "/v1/health", "", None, None).await;
     assert_eq!(
         (r.status.as_u16(), r.body["code"].as_str()),

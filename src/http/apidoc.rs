@@ -71,13 +71,50 @@ impl Modify for Security {
 }
 
 /// The finished document: what the router collected, with axum's wildcard
-/// segments (`{*path}`) written as OpenAPI path templates (`{path}`).
+/// segments (`{*path}`) written as OpenAPI path templates (`{path}`), and
+/// `X-Request-Id` on every answer.
 pub fn finish(mut doc: utoipa::openapi::OpenApi) -> String {
     let paths = std::mem::take(&mut doc.paths.paths);
     for (path, item) in paths {
         doc.paths.paths.insert(path.replace("{*", "{"), item);
     }
+    request_id_on_every_answer(&mut doc);
     serde_json::to_string(&doc).expect("the OpenAPI document serialises")
+}
+
+/// The server's middleware sets `X-Request-Id` on every response, so the
+/// document says so once, here, for every answer it describes.
+fn request_id_on_every_answer(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{header::HeaderBuilder, Object, Type};
+    let add = |r: &mut RefOr<Response>| {
+        if let RefOr::T(r) = r {
+            r.headers.entry("X-Request-Id".into()).or_insert_with(|| {
+                HeaderBuilder::new()
+                    .schema(Some(Object::with_type(Type::String)))
+                    .description(Some("The request's id, also in the audit entry."))
+                    .build()
+                    .into()
+            });
+        }
+    };
+    for item in doc.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for op in ops.into_iter().flatten() {
+            op.responses.responses.values_mut().for_each(add);
+        }
+    }
+    if let Some(c) = doc.components.as_mut() {
+        c.responses.values_mut().for_each(add);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -265,10 +302,7 @@ macro_rules! problem_response {
     ($name:ident, $desc:literal) => {
         #[doc = $desc]
         #[derive(ToResponse)]
-        #[response(
-                    content_type = "application/problem+json",
-                    headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))
-                )]
+        #[response(content_type = "application/problem+json")]
         #[allow(dead_code)]
         pub struct $name(Problem);
     };

@@ -86,7 +86,7 @@ fn secret_response(status: StatusCode, buf: Zeroizing<Vec<u8>>, version: Option<
     tag = "meta",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "Always `{\"status\": \"ok\"}` while the server runs.", body = Health, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry.")))
+        (status = 200, description = "Always `{\"status\": \"ok\"}` while the server runs.", body = Health)
     ),
     security(()),
 )]
@@ -104,7 +104,7 @@ pub async fn health() -> Response {
     tag = "meta",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The OpenAPI 3.1 document of this API.", content_type = "application/json", body = Object, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry.")))
+        (status = 200, description = "The OpenAPI 3.1 document of this API.", content_type = "application/json", body = Object)
     ),
     security(()),
 )]
@@ -126,7 +126,7 @@ pub async fn openapi() -> Response {
     tag = "meta",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The error reference, one entry per `code` (`#<code>`).", content_type = "text/html", body = String, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry.")))
+        (status = 200, description = "The error reference, one entry per `code` (`#<code>`).", content_type = "text/html", body = String)
     ),
     security(()),
 )]
@@ -155,7 +155,7 @@ pub async fn errors_page() -> Response {
     tag = "erasure",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The key.", body = PublicKey, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry.")))
+        (status = 200, description = "The key.", body = PublicKey)
     ),
     security(()),
 )]
@@ -200,7 +200,7 @@ impl Drop for FieldsBody {
     params(PurposeHeaders),
     request_body = FieldsBody,
     responses(
-        (status = 201, description = "Created.", body = apidoc::SubjectVersion, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Location" = String, description = "`/v1/subjects/{id}` of the new subject.")),
+        (status = 201, description = "Created.", body = apidoc::SubjectVersion, headers(("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Location" = String, description = "`/v1/subjects/{id}` of the new subject.")),
             links(
                 ("GetSubject" = (operation_id = "getSubject", parameters(("id" = "$response.body#/id")))),
                 ("PatchSubject" = (operation_id = "patchSubject", parameters(("id" = "$response.body#/id")))),
@@ -260,7 +260,7 @@ fn parse_field_list(query: Option<&str>) -> Result<Option<Vec<String>>, ApiError
     tag = "subjects",
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::FieldsQuery),
     responses(
-        (status = 200, description = "The released fields.", body = apidoc::ReleasedSubject, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 200, description = "The released fields.", body = apidoc::ReleasedSubject, headers(("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -298,7 +298,7 @@ fn parse_if_match(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::IfMatchHeader),
     request_body = apidoc::FieldsPatchBody,
     responses(
-        (status = 200, description = "Changed.", body = apidoc::SubjectVersion, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."))),
+        (status = 200, description = "Changed.", body = apidoc::SubjectVersion, headers(("ETag" = String, description = "The subject's version, quoted (`\"3\"`); send it back in If-Match."))),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -334,7 +334,7 @@ pub async fn patch(
     tag = "erasure",
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
     responses(
-        (status = 200, description = "The erasure receipt.", body = apidoc::ErasureReceipt, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The erasure receipt.", body = apidoc::ErasureReceipt),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         apidoc::NotServed
@@ -372,7 +372,7 @@ fn item_error(id: Option<&str>, e: &VaultError) -> Value {
     params(PurposeHeaders),
     request_body = BatchGetBody,
     responses(
-        (status = 200, description = "One item per id, in order.", body = apidoc::BatchResults, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 200, description = "One item per id, in order.", body = apidoc::BatchResults, headers(("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
         (status = 400, response = apidoc::BadRequest),
         (status = 401, response = apidoc::Unauthorized),
         (status = 413, response = apidoc::PayloadTooLarge),
@@ -426,7 +426,7 @@ pub struct BatchCreateBody {
     params(PurposeHeaders),
     request_body = BatchCreateBody,
     responses(
-        (status = 200, description = "One item per subject, in order.", body = apidoc::BatchResults, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "One item per subject, in order.", body = apidoc::BatchResults),
         (status = 400, response = apidoc::BadRequest),
         (status = 401, response = apidoc::Unauthorized),
         (status = 413, response = apidoc::PayloadTooLarge),
@@ -481,7 +481,7 @@ pub struct LookupBody {
     params(PurposeHeaders),
     request_body = LookupBody,
     responses(
-        (status = 200, description = "The subject found.", body = apidoc::LookupResult, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The subject found.", body = apidoc::LookupResult),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 413, response = apidoc::PayloadTooLarge),
@@ -507,7 +507,7 @@ pub async fn lookup(State(st): S, c: Caller, JsonBody(mut b): JsonBody<LookupBod
     tag = "consents",
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
     responses(
-        (status = 200, description = "The consents.", body = crate::vault::Consents, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The consents.", body = crate::vault::Consents),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -541,7 +541,7 @@ pub struct ConsentBody {
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), ("purpose" = String, Path, description = "The purpose the consent is about (e.g. `marketing`); unknown: `404 not_found`."), PurposeHeaders),
     request_body = ConsentBody,
     responses(
-        (status = 200, description = "The record made.", body = crate::vault::ConsentRecord, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The record made.", body = crate::vault::ConsentRecord),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -571,7 +571,7 @@ pub async fn set_consent(
     tag = "audit",
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders, apidoc::AccessLogQuery),
     responses(
-        (status = 200, description = "A page of releases.", body = crate::audit::AccessLogPage, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "A page of releases.", body = crate::audit::AccessLogPage),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -650,7 +650,7 @@ fn token_answer(rec: &crate::tokens::TokenRecord, secret: &crate::tokens::TokenS
     tag = "self-service",
     params(("id" = String, Path, description = "The subject id.", example = "0b6f2c3e-8a1d-4c57-9b7e-2f1e5d4c3b2a"), PurposeHeaders),
     responses(
-        (status = 201, description = "The link.", body = apidoc::SelfServiceLink, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 201, description = "The link.", body = apidoc::SelfServiceLink, headers(("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         (status = 410, response = apidoc::Gone),
@@ -698,7 +698,7 @@ pub struct SessionBody {
     params(RequestIdHeader),
     request_body = SessionBody,
     responses(
-        (status = 201, description = "The session; `token` is shown this once.", body = apidoc::SelfSession, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 201, description = "The session; `token` is shown this once.", body = apidoc::SelfSession, headers(("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
         (status = 400, response = apidoc::BadRequest),
         (status = 401, response = apidoc::Unauthorized),
         (status = 413, response = apidoc::PayloadTooLarge),
@@ -741,7 +741,7 @@ pub async fn self_session(State(st): S, a: Anonymous, JsonBody(b): JsonBody<Sess
     tag = "self-service",
     params(RequestIdHeader),
     responses(
-        (status = 204, description = "The session is over: its token is refused from now on.", headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 204, description = "The session is over: its token is refused from now on."),
         (status = 401, response = apidoc::Unauthorized),
         (status = 403, response = apidoc::Forbidden),
         apidoc::NotServed
@@ -765,7 +765,7 @@ pub async fn end_self_session(State(st): S, c: Caller) -> ApiResult {
     params(PurposeHeaders),
     request_body = GrantBody,
     responses(
-        (status = 201, description = "The grant; `token` is shown this once.", body = apidoc::TokenIssued, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
+        (status = 201, description = "The grant; `token` is shown this once.", body = apidoc::TokenIssued, headers(("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token."))),
         apidoc::Refused,
         (status = 413, response = apidoc::PayloadTooLarge),
         apidoc::NotServed
@@ -815,7 +815,7 @@ pub struct IssueBody {
     params(RequestIdHeader),
     request_body = IssueBody,
     responses(
-        (status = 201, description = "The token; `token` is shown this once.", body = apidoc::TokenIssued, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token.")),
+        (status = 201, description = "The token; `token` is shown this once.", body = apidoc::TokenIssued, headers(("Cache-Control" = String, description = "`no-store`: the answer carries personal data or a token.")),
             links(("RevokeToken" = (operation_id = "revokeToken", parameters(("id" = "$response.body#/id")))))),
         apidoc::Refused,
         (status = 413, response = apidoc::PayloadTooLarge),
@@ -846,7 +846,7 @@ pub async fn issue_token(State(st): S, c: Caller, JsonBody(b): JsonBody<IssueBod
     tag = "admin",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The tokens.", body = TokenList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The tokens.", body = TokenList),
         apidoc::Refused,
         apidoc::NotServed
     ),
@@ -869,7 +869,7 @@ pub async fn list_tokens(State(st): S, c: Caller) -> ApiResult {
     tag = "admin",
     params(("id" = String, Path, description = "The token id (`tok_...`)."), RequestIdHeader),
     responses(
-        (status = 200, description = "The token, revoked.", body = TokenDescription, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The token, revoked.", body = TokenDescription),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         apidoc::NotServed
@@ -892,7 +892,7 @@ pub async fn revoke_token(State(st): S, c: Caller, Path(id): Path<String>) -> Ap
     tag = "admin",
     params(RequestIdHeader, apidoc::EventsQuery),
     responses(
-        (status = 200, description = "The events.", body = crate::events::EventList, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The events.", body = crate::events::EventList),
         apidoc::Refused,
         apidoc::NotServed
     ),
@@ -916,7 +916,7 @@ pub async fn list_events(State(st): S, c: Caller, Query(q): Query<HashMap<String
     tag = "admin",
     params(("id" = String, Path, description = "The event id (`msg_...`)."), RequestIdHeader),
     responses(
-        (status = 200, description = "Re-queued.", body = apidoc::EventRetry, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "Re-queued.", body = apidoc::EventRetry),
         apidoc::Refused,
         (status = 404, response = apidoc::NotFound),
         apidoc::NotServed
@@ -945,7 +945,7 @@ pub async fn retry_event(State(st): S, c: Caller, Path(id): Path<String>) -> Api
     tag = "admin",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The status.", body = crate::vault::Status, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The status.", body = crate::vault::Status),
         apidoc::Refused,
         apidoc::NotServed
     ),
@@ -967,7 +967,7 @@ pub async fn status(State(st): S, c: Caller) -> ApiResult {
     tag = "admin",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "Rotated.", body = apidoc::Rotation, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "Rotated.", body = apidoc::Rotation),
         apidoc::Refused,
         apidoc::NotServed
     ),
@@ -989,7 +989,7 @@ pub async fn rotate_kek(State(st): S, c: Caller) -> ApiResult {
     tag = "admin",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The snapshot.", content_type = "application/octet-stream", body = Vec<u8>, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."), ("Content-Disposition" = String, description = "`attachment; filename=\"pdvault.pdvbak\"`."))),
+        (status = 200, description = "The snapshot.", content_type = "application/octet-stream", body = Vec<u8>, headers(("Content-Disposition" = String, description = "`attachment; filename=\"pdvault.pdvbak\"`."))),
         apidoc::Refused,
         apidoc::NotServed
     ),
@@ -1038,7 +1038,7 @@ pub async fn backup(State(st): S, c: Caller) -> ApiResult {
     tag = "admin",
     params(RequestIdHeader),
     responses(
-        (status = 200, description = "The metrics.", content_type = "text/plain", body = String, headers(("X-Request-Id" = String, description = "The request's id, also in the audit entry."))),
+        (status = 200, description = "The metrics.", content_type = "text/plain", body = String),
         apidoc::Refused,
         apidoc::NotServed
     ),
