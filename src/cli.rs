@@ -694,15 +694,15 @@ async fn token(g: &Global, cfg: Config, cmd: TokenCmd) -> CliResult {
 /// directory, unsealed here only to count, and reported as `sealed` (no
 /// server holds the master key).
 async fn status(g: &Global, cfg: Config) -> CliResult {
-    let v = match remote(&cfg).await? {
+    let st = match remote(&cfg).await? {
         Some(r) => r.status().await.map_err(|e| e.to_string())?,
         None => {
             let mut st = local(g, cfg)?.status().map_err(|e| e.to_string())?;
             st.sealed = true;
-            serde_json::to_value(st).map_err(|e| e.to_string())?
+            st
         }
     };
-    print_json(&v);
+    print_json(&st);
     Ok(())
 }
 
@@ -724,7 +724,8 @@ async fn events(g: &Global, cfg: Config, cmd: EventsCmd) -> CliResult {
                         "dead" => client::EventState::Dead,
                         _ => client::EventState::All,
                     };
-                    r.list_events(state).await.map_err(|e| e.to_string())?
+                    let list = r.list_events(state).await.map_err(|e| e.to_string())?;
+                    serde_json::to_value(list).map_err(|e| e.to_string())?
                 }
                 None => {
                     let v = local(g, cfg)?;
@@ -733,7 +734,7 @@ async fn events(g: &Global, cfg: Config, cmd: EventsCmd) -> CliResult {
                         .list_events(&local_ctx(None), &Vault::local_operator(), filter)
                         .await
                         .map_err(|e| e.to_string())?;
-                    serde_json::json!({ "events": list })
+                    serde_json::to_value(crate::events::EventList { events: list }).map_err(|e| e.to_string())?
                 }
             }
         }

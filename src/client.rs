@@ -35,7 +35,11 @@
 //! code (`field_not_allowed`, `subject_erased`, ...): branch on it, as on
 //! [`ClientError::code`].
 
+use crate::audit::AccessLogPage;
+use crate::events::EventList;
 use crate::http::apidoc;
+use crate::tokens::{TokenDescription, TokenList};
+use crate::vault::{ConsentRecord, Consents, Status};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -349,13 +353,19 @@ impl Client {
     }
 
     /// `GET /v1/subjects/{id}/consents`.
-    pub async fn consents(&self, purpose: &str, id: &str) -> Result<Value> {
+    pub async fn consents(&self, purpose: &str, id: &str) -> Result<Consents> {
         let path = format!("/v1/subjects/{}/consents", segment(id));
         self.json(Method::GET, &path, Some(purpose), None).await
     }
 
     /// `PUT /v1/subjects/{id}/consents/{consent_purpose}`.
-    pub async fn set_consent(&self, purpose: &str, id: &str, consent_purpose: &str, granted: bool) -> Result<Value> {
+    pub async fn set_consent(
+        &self,
+        purpose: &str,
+        id: &str,
+        consent_purpose: &str,
+        granted: bool,
+    ) -> Result<ConsentRecord> {
         let path = format!("/v1/subjects/{}/consents/{}", segment(id), segment(consent_purpose));
         self.json(Method::PUT, &path, Some(purpose), Some(&json!({ "granted": granted })))
             .await
@@ -368,7 +378,7 @@ impl Client {
         id: &str,
         after: Option<&str>,
         limit: Option<u32>,
-    ) -> Result<Value> {
+    ) -> Result<AccessLogPage> {
         let mut path = format!("/v1/subjects/{}/access-log?limit={}", segment(id), limit.unwrap_or(100));
         if let Some(a) = after {
             path.push_str(&format!("&after={}", segment(a)));
@@ -412,19 +422,19 @@ impl Client {
         self.json(Method::POST, "/v1/admin/tokens", None, Some(&body)).await
     }
 
-    /// `GET /v1/admin/tokens` (`{"tokens": [...]}`).
-    pub async fn list_tokens(&self) -> Result<Value> {
+    /// `GET /v1/admin/tokens`.
+    pub async fn list_tokens(&self) -> Result<TokenList> {
         self.json(Method::GET, "/v1/admin/tokens", None, None).await
     }
 
     /// `DELETE /v1/admin/tokens/{id}`: the token as revoked.
-    pub async fn revoke_token(&self, id: &str) -> Result<Value> {
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenDescription> {
         let path = format!("/v1/admin/tokens/{}", segment(id));
         self.json(Method::DELETE, &path, None, None).await
     }
 
-    /// `GET /v1/admin/events?state=...` (`{"events": [...]}`).
-    pub async fn list_events(&self, state: EventState) -> Result<Value> {
+    /// `GET /v1/admin/events?state=...`.
+    pub async fn list_events(&self, state: EventState) -> Result<EventList> {
         let s = match state {
             EventState::Pending => "pending",
             EventState::Dead => "dead",
@@ -446,7 +456,7 @@ impl Client {
     }
 
     /// `GET /v1/admin/status`.
-    pub async fn status(&self) -> Result<Value> {
+    pub async fn status(&self) -> Result<Status> {
         self.json(Method::GET, "/v1/admin/status", None, None).await
     }
 

@@ -90,7 +90,7 @@ impl TokenRecord {
 }
 
 /// The kind of a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenKind {
     Token,
@@ -98,7 +98,7 @@ pub enum TokenKind {
 }
 
 /// A token as stored (never its text).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenDescription {
     pub id: String,
     pub caller: String,
@@ -121,7 +121,7 @@ pub struct TokenDescription {
 }
 
 /// Every token and grant.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenList {
     pub tokens: Vec<TokenDescription>,
 }

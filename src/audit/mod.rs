@@ -403,7 +403,7 @@ fn access_record(e: &AuditEntry, chain: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
 }
 
 /// One release of this subject's data (never values).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AccessLogEntry {
     pub seq: u64,
     #[schema(format = DateTime)]
@@ -417,7 +417,7 @@ pub struct AccessLogEntry {
 }
 
 /// A page of the access log.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AccessLogPage {
     pub id: String,
     pub entries: Vec<AccessLogEntry>,

@@ -328,7 +328,7 @@ pub enum Filter {
 }
 
 /// An event not yet delivered to every subscriber.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[schema(as = PendingEvent)]
 pub struct EventView {
     /// The Standard Webhooks message id (`webhook-id`).
@@ -343,7 +343,7 @@ pub struct EventView {
 }
 
 /// One subscriber's delivery of an event.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[schema(as = Delivery)]
 pub struct DeliveryView {
     pub subscriber: String,
@@ -357,7 +357,7 @@ pub struct DeliveryView {
 }
 
 /// Undelivered events, oldest first.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventList {
     pub events: Vec<EventView>,
 }

@@ -27,7 +27,7 @@ pub struct ConsentRecord {
 }
 
 /// The latest consent record of a purpose.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConsentState {
     pub granted: bool,
     #[schema(format = DateTime)]
@@ -36,7 +36,7 @@ pub struct ConsentState {
 }
 
 /// A subject's consents: the latest record per purpose and every record, oldest first.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Consents {
     pub id: String,
     pub consents: BTreeMap<String, ConsentState>,
