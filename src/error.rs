@@ -49,6 +49,10 @@ pub enum VaultError {
     CertificateMismatch,
     #[error("the subject's data key of this version no longer exists")]
     DataKeyUnavailable,
+    /// The store is held by another process (a server or a command on the
+    /// same directory): an ordinary condition, said as it is.
+    #[error("{0}")]
+    InUse(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -75,7 +79,7 @@ impl VaultError {
             GrantTooWide(_) => "grant_too_wide",
             RateLimited { .. } => "rate_limited",
             AuditUnavailable => "audit_unavailable",
-            StorageUnavailable => "storage_unavailable",
+            StorageUnavailable | InUse(_) => "storage_unavailable",
             CertificateMismatch => "token_invalid",
             DataKeyUnavailable => "data_key_unavailable",
             Internal(_) => "internal",
@@ -90,6 +94,7 @@ impl VaultError {
             VaultError::Internal(_)
                 | VaultError::AuditUnavailable
                 | VaultError::StorageUnavailable
+                | VaultError::InUse(_)
                 | VaultError::DataKeyUnavailable
         )
     }

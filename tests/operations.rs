@@ -452,3 +452,19 @@ async fn root_is_refused_on_the_directories_of_another_user() {
         );
     }
 }
+
+/// A second process on a directory a server holds is an ordinary
+/// condition: it is refused in those words, not as an internal error.
+#[tokio::test]
+async fn a_second_server_on_the_same_directory_is_told_it_is_in_use() {
+    if sled_only("a_second_server_on_the_same_directory_is_told_it_is_in_use") {
+        return;
+    }
+    let s = Server::start().await;
+    // The same address too: the store is opened before the port is bound.
+    let out = s.cmd().args(["serve", "--dev"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second server started on the same directory");
+    assert!(err.contains("is in use by another pdvault process"), "{err}");
+    assert!(!err.contains("internal error"), "{err}");
+}

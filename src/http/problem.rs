@@ -29,7 +29,7 @@ pub fn status_of(e: &VaultError) -> StatusCode {
         VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
         PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-        AuditUnavailable | StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        AuditUnavailable | StorageUnavailable | InUse(_) => StatusCode::SERVICE_UNAVAILABLE,
         DataKeyUnavailable | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -68,8 +68,9 @@ pub fn problem_json(e: &VaultError) -> serde_json::Value {
     let code = e.code();
     let status = status_of(e);
     let detail = match e {
-        VaultError::Internal(msg) => {
-            tracing::error!(error = %msg, "internal error");
+        // Their text names files: the log has it, the caller does not.
+        VaultError::Internal(msg) | VaultError::InUse(msg) => {
+            tracing::error!(error = %msg, code, "internal error");
             "internal error; the server log has the details".to_owned()
         }
         other => other.to_string(),

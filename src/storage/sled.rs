@@ -91,8 +91,8 @@ impl Engine {
             match config.open() {
                 Err(::sled::Error::Io(io)) if io.to_string().contains("lock") => {
                     if std::time::Instant::now() >= deadline {
-                        return Err(VaultError::Internal(format!(
-                            "{} is in use by another pdvault process",
+                        return Err(VaultError::InUse(format!(
+                            "{} is in use by another pdvault process (a server, or a command on the same directory); stop it first",
                             path.display()
                         )));
                     }
