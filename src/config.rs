@@ -274,6 +274,10 @@ pub struct RetentionConfig {
     pub inactive_after: Option<Duration>,
     #[serde(with = "dur")]
     pub sweep_every: Duration,
+    /// How long a token's record is kept after it expired (listed, as
+    /// expired) before the sweep drops it.
+    #[serde(with = "dur")]
+    pub expired_tokens_kept: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -281,6 +285,7 @@ impl Default for RetentionConfig {
         RetentionConfig {
             inactive_after: None,
             sweep_every: Duration::from_secs(3600),
+            expired_tokens_kept: Duration::from_secs(30 * 86400),
         }
     }
 }

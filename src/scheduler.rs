@@ -29,7 +29,7 @@ pub fn spawn_heartbeat(vault: Arc<Vault>) -> Option<tokio::task::JoinHandle<()>>
 
 pub fn spawn(vault: Arc<Vault>, tick: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut last_sweep = 0u64;
+        let (mut last_sweep, mut last_token_sweep) = (0u64, 0u64);
         // The schedule runs from the last signed checkpoint on disk, not from
         // this start: a server that restarts often still signs on time.
         let mut last_checkpoint = vault.last_checkpoint_at().unwrap_or(0);
@@ -54,6 +54,14 @@ pub fn spawn(vault: Arc<Vault>, tick: Duration) -> tokio::task::JoinHandle<()> {
             }
             if let Err(e) = vault.sweep_self_codes(now) {
                 tracing::error!(error = %e, "could not drop expired self-service codes");
+            }
+            if now >= last_token_sweep + cfg.retention.sweep_every.as_secs() {
+                last_token_sweep = now;
+                match vault.sweep_expired_tokens(now) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(dropped = n, "expired tokens' records dropped"),
+                    Err(e) => tracing::error!(error = %e, "could not drop expired tokens' records"),
+                }
             }
             if let Some(after) = cfg.retention.inactive_after {
                 if now >= last_sweep + cfg.retention.sweep_every.as_secs() {

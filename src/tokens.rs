@@ -367,6 +367,55 @@ impl Tokens {
         Ok(out)
     }
 
+    /// Drops the records of tokens that expired before `cutoff`: their
+    /// record, their hash's entry and a limited grant's use counter. Such a
+    /// token is refused whatever its record says (an expired parent ends its
+    /// grants too, and a missing one revokes them), so the records only
+    /// grew: every grant and self-service session left one, listed by
+    /// `GET /v1/admin/tokens` for ever. The revocation ledger keeps its
+    /// entries. Returns how many were dropped; nothing here is flushed (what
+    /// a crash undoes, the next sweep does again).
+    pub fn sweep_expired(&self, store: &Store, keystore: &KeyStore, cutoff: u64) -> Result<usize> {
+        let mut gone = vec![];
+        for kv in store.scan(Space::Tokens, []) {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            // A record that fails its MAC is refused anyway; it stays for
+            // the operator to see.
+            match self.decode(&id, &v) {
+                Ok(r) if r.expires_at < cutoff => gone.push(r),
+                _ => {}
+            }
+        }
+        for part in gone.chunks(256) {
+            // The counters first: a crash between the two leaves a record
+            // (expired) with no counter, never a counter nothing names.
+            let mut uses = Commit::default();
+            let mut records = Commit::default();
+            for r in part {
+                if r.grant.as_ref().is_some_and(|g| g.max_uses.is_some()) {
+                    uses.remove(Space::GrantUses, &r.id);
+                }
+                records.remove(Space::Tokens, &r.id);
+                if let Ok(h) = hex::decode(&r.hash) {
+                    records.remove(Space::TokenHashes, h);
+                }
+            }
+            if !uses.is_empty() {
+                keystore.store.apply(&uses)?;
+            }
+            store.apply(&records)?;
+        }
+        if !gone.is_empty() {
+            let ids: HashSet<&str> = gone.iter().map(|r| r.id.as_str()).collect();
+            self.cache
+                .write()
+                .expect("token cache")
+                .retain(|_, r| !ids.contains(r.id.as_str()));
+        }
+        Ok(gone.len())
+    }
+
     pub fn get(&self, store: &Store, id: &str) -> Result<Option<TokenRecord>> {
         self.load(store, id)
     }

@@ -978,3 +978,61 @@ async fn guessing_tokens_ends_in_429() {
         .count();
     assert!(n >= 5, "{n} authenticate refusals audited");
 }
+
+/// A grant per parcel and a session per visit of the user's own page each
+/// leave a token record. Once expired for longer than
+/// `retention.expired_tokens_kept`, the sweep drops it: it leaves the token
+/// list (where it first shows as expired) and its text stays refused. A
+/// token that has not expired stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_records_of_long_expired_grants_are_dropped() {
+    let edit = |t: String| {
+        t.replace("sweep_every = \"1h\"", "sweep_every = \"1s\"")
+            .replace("expired_tokens_kept = \"30d\"", "expired_tokens_kept = \"1s\"")
+    };
+    let s = Server::start_with(Some(&edit), vec![]).await;
+    let issued = s
+        .issue(
+            "order-service",
+            &["order", "delivery"],
+            &["read", "write", "grant"],
+            3600,
+        )
+        .await;
+    assert_eq!(issued.status, 201, "{}", issued.text);
+    let order = issued.body["token"].as_str().unwrap().to_string();
+    let order_id = issued.body["id"].as_str().unwrap().to_string();
+    let a = s.create(&order, full_subject()).await;
+    let r = mint(
+        &s,
+        &order,
+        "delivery",
+        json!({"subjects": [a], "purpose": "delivery", "fields": ["address"], "ttl_seconds": 1, "max_uses": 3, "caller": "courier-kazpost"}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let (grant, grant_id) = (r.body["token"].as_str().unwrap().to_string(), r.body["id"].clone());
+    let listed = |r: &Resp, id: &Value| r.body["tokens"].as_array().unwrap().iter().any(|t| &t["id"] == id);
+    let r = s.get("/v1/admin/tokens", &s.admin.clone(), None).await;
+    assert!(listed(&r, &grant_id), "{}", r.text);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = s.get("/v1/admin/tokens", &s.admin.clone(), None).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        if !listed(&r, &grant_id) {
+            assert!(listed(&r, &json!(order_id)), "a live token was dropped: {}", r.text);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired grant is still listed: {}",
+            r.text
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let r = s.get(&format!("/v1/subjects/{a}"), &grant, Some("delivery")).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    let r = s.get(&format!("/v1/subjects/{a}"), &order, Some("delivery")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
