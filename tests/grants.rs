@@ -981,14 +981,16 @@ async fn guessing_tokens_ends_in_429() {
 
 /// A grant per parcel and a session per visit of the user's own page each
 /// leave a token record. Once expired for longer than
-/// `retention.expired_tokens_kept`, the sweep drops it: it leaves the token
+/// `retention.expired_credentials_kept`, the sweep drops it: it leaves the token
 /// list (where it first shows as expired) and its text stays refused. A
 /// token that has not expired stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_records_of_long_expired_grants_are_dropped() {
     let edit = |t: String| {
-        t.replace("sweep_every = \"1h\"", "sweep_every = \"1s\"")
-            .replace("expired_tokens_kept = \"30d\"", "expired_tokens_kept = \"1s\"")
+        t.replace("sweep_every = \"1h\"", "sweep_every = \"1s\"").replace(
+            "expired_credentials_kept = \"30d\"",
+            "expired_credentials_kept = \"1s\"",
+        )
     };
     let s = Server::start_with(Some(&edit), vec![]).await;
     let issued = s

@@ -75,6 +75,13 @@ impl Vault {
         Ok(out)
     }
 
+    /// Drops the records of tokens expired for longer than
+    /// `retention.expired_credentials_kept` (the scheduler's sweep).
+    pub fn sweep_expired_tokens(&self, now: u64) -> Result<usize> {
+        let cutoff = now.saturating_sub(self.cfg.retention.expired_credentials_kept.as_secs());
+        self.tokens.sweep_expired(&self.store, &self.keystore, cutoff)
+    }
+
     pub async fn list_tokens(&self, ctx: &Ctx, auth: &Authenticated) -> Result<Vec<TokenRecord>> {
         self.admin(ctx, auth, "token_list").await?;
         self.record(vec![self.draft(ctx, Some(auth), "token_list", None, vec![], None)])

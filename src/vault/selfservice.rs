@@ -151,11 +151,4 @@ impl Vault {
     pub fn sweep_self_codes(&self, now: u64) -> Result<usize> {
         self.tokens.sweep_codes(&self.store, now)
     }
-
-    /// Drops the records of tokens expired for longer than
-    /// `retention.expired_tokens_kept` (the scheduler's sweep).
-    pub fn sweep_expired_tokens(&self, now: u64) -> Result<usize> {
-        let cutoff = now.saturating_sub(self.cfg.retention.expired_tokens_kept.as_secs());
-        self.tokens.sweep_expired(&self.store, &self.keystore, cutoff)
-    }
 }
