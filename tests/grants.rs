@@ -256,9 +256,8 @@ async fn mint(s: &Server, parent: &str, x_purpose: &str, body: Value) -> Resp {
     s.post("/v1/grants", parent, Some(x_purpose), body).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grants_are_narrow_counted_and_die_with_their_parent() {
-    let s = Server::start().await;
+/// The order service's token (an hour, may mint grants): its text and id.
+async fn order_service(s: &Server) -> (String, String) {
     let issued = s
         .issue(
             "order-service",
@@ -268,8 +267,14 @@ async fn grants_are_narrow_counted_and_die_with_their_parent() {
         )
         .await;
     assert_eq!(issued.status, 201, "{}", issued.text);
-    let order = issued.body["token"].as_str().unwrap().to_string();
-    let order_id = issued.body["id"].as_str().unwrap().to_string();
+    let text = issued.body["token"].as_str().unwrap().to_string();
+    (text, issued.body["id"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_are_narrow_counted_and_die_with_their_parent() {
+    let s = Server::start().await;
+    let (order, order_id) = order_service(&s).await;
 
     let a = s.create(&order, full_subject()).await;
     let mut other = full_subject();
@@ -993,17 +998,7 @@ async fn the_records_of_long_expired_grants_are_dropped() {
         )
     };
     let s = Server::start_with(Some(&edit), vec![]).await;
-    let issued = s
-        .issue(
-            "order-service",
-            &["order", "delivery"],
-            &["read", "write", "grant"],
-            3600,
-        )
-        .await;
-    assert_eq!(issued.status, 201, "{}", issued.text);
-    let order = issued.body["token"].as_str().unwrap().to_string();
-    let order_id = issued.body["id"].as_str().unwrap().to_string();
+    let (order, order_id) = order_service(&s).await;
     let a = s.create(&order, full_subject()).await;
     let r = mint(
         &s,
