@@ -275,7 +275,7 @@ pub struct RetentionConfig {
     #[serde(with = "dur")]
     pub sweep_every: Duration,
     /// How long a token's record is kept after it expired (listed, as
-    /// expired) before the sweep drops it.
+    /// expired) before the sweep drops it, with its revocation ledger entry.
     // Named without "token": `config show` masks every such key's value.
     #[serde(with = "dur")]
     pub expired_credentials_kept: Duration,

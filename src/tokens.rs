@@ -372,8 +372,8 @@ impl Tokens {
     /// token is refused whatever its record says (an expired parent ends its
     /// grants too, and a missing one revokes them), so the records only
     /// grew: every grant and self-service session left one, listed by
-    /// `GET /v1/admin/tokens` for ever. The revocation ledger keeps its
-    /// entries. Returns how many were dropped; nothing here is flushed (what
+    /// `GET /v1/admin/tokens` for ever. The revocation ledger's entries go
+    /// by `compact_revocations`. Returns how many were dropped; nothing here is flushed (what
     /// a crash undoes, the next sweep does again).
     pub fn sweep_expired(&self, store: &Store, keystore: &KeyStore, cutoff: u64) -> Result<usize> {
         let mut gone = vec![];
@@ -436,7 +436,13 @@ impl Tokens {
             return Ok(None);
         };
         if !self.revoked.read().expect("revoked set").contains(id) {
-            let note = serde_json::json!({"token_id": id, "revoked_at": crate::fsutil::rfc3339(now)});
+            // The token's expiry goes with it: the entry is dropped once
+            // the token has expired (`compact_revocations`).
+            let note = serde_json::json!({
+                "token_id": id,
+                "revoked_at": crate::fsutil::rfc3339(now),
+                "expires_at": crate::fsutil::rfc3339(rec.expires_at),
+            });
             let sig = crate::receipt::sign(keys.receipt_key(), &note);
             self.ledger.append(id, &note, &sig)?;
             self.revoked.write().expect("revoked set").insert(id.to_owned());
@@ -453,6 +459,44 @@ impl Tokens {
             }
         }
         Ok(Some((rec, changed)))
+    }
+
+    /// Drops from the revocation ledger the entries of tokens that expired
+    /// before `cutoff`. An expired token is refused whatever its record
+    /// says, and so are its grants (a grant's expiry is its parent's at the
+    /// latest), so no restored copy of its record can be used again: only
+    /// the ledger grew, by a line a sign-out. The expiry is the note's; an
+    /// entry written before notes carried it goes by the token's record,
+    /// and stays while that record is gone or unreadable. Returns how many
+    /// entries were dropped.
+    pub fn compact_revocations(
+        &self,
+        store: &Store,
+        keys: &crate::keyring::Keyring,
+        cutoff: u64,
+        now: u64,
+    ) -> Result<usize> {
+        let expired = |e: &crate::ledger::LedgerEntry| {
+            let at = match e.receipt.get("expires_at").and_then(|v| v.as_str()) {
+                Some(t) => crate::fsutil::parse_rfc3339(t),
+                None => self.load(store, &e.id).ok().flatten().map(|r| r.expires_at),
+            };
+            at.is_some_and(|at| at < cutoff)
+        };
+        let sign = |note: &serde_json::Value| crate::receipt::sign(keys.receipt_key(), note);
+        let gone = self.ledger.compact(&expired, &sign, now)?;
+        if !gone.is_empty() {
+            let mut revoked = self.revoked.write().expect("revoked set");
+            for id in &gone {
+                revoked.remove(id);
+            }
+        }
+        Ok(gone.len())
+    }
+
+    /// How many entries the revocation ledger holds.
+    pub fn revocations(&self) -> Result<u64> {
+        self.ledger.count()
     }
 
     /// Start and restore: marks every token the revocation ledger names as

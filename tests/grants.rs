@@ -984,6 +984,14 @@ async fn guessing_tokens_ends_in_429() {
     assert!(n >= 5, "{n} authenticate refusals audited");
 }
 
+/// A server that sweeps every second what expired more than a second ago.
+fn sweep_each_second(t: String) -> String {
+    t.replace("sweep_every = \"1h\"", "sweep_every = \"1s\"").replace(
+        "expired_credentials_kept = \"30d\"",
+        "expired_credentials_kept = \"1s\"",
+    )
+}
+
 /// A grant per parcel and a session per visit of the user's own page each
 /// leave a token record. Once expired for longer than
 /// `retention.expired_credentials_kept`, the sweep drops it: it leaves the token
@@ -991,13 +999,7 @@ async fn guessing_tokens_ends_in_429() {
 /// token that has not expired stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_records_of_long_expired_grants_are_dropped() {
-    let edit = |t: String| {
-        t.replace("sweep_every = \"1h\"", "sweep_every = \"1s\"").replace(
-            "expired_credentials_kept = \"30d\"",
-            "expired_credentials_kept = \"1s\"",
-        )
-    };
-    let s = Server::start_with(Some(&edit), vec![]).await;
+    let s = Server::start_with(Some(&sweep_each_second), vec![]).await;
     let (order, order_id) = order_service(&s).await;
     let a = s.create(&order, full_subject()).await;
     let r = mint(
@@ -1032,4 +1034,65 @@ async fn the_records_of_long_expired_grants_are_dropped() {
     assert_eq!(r.status, 401, "{}", r.text);
     let r = s.get(&format!("/v1/subjects/{a}"), &order, Some("delivery")).await;
     assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// Each revocation (a sign-out of the user's page too) adds an entry to the
+/// revocation ledger. Once its token has expired for longer than
+/// `retention.expired_credentials_kept`, the sweep drops the entry (the
+/// status counts them); the entries of tokens still live stay, hold across
+/// a restart (the compacted ledger's chain is checked at start), and new
+/// ones follow them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revocations_of_long_expired_tokens_leave_the_ledger() {
+    let mut s = Server::start_with(Some(&sweep_each_second), vec![]).await;
+    let (order, _) = order_service(&s).await;
+    let a = s.create(&order, full_subject()).await;
+    let before = revocations(&s).await;
+    let _short = revoked_grant(&s, &order, &a, 1).await;
+    let long = revoked_grant(&s, &order, &a, 600).await;
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while revocations(&s).await != before + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired grant's revocation is still on record"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let later = revoked_grant(&s, &order, &a, 600).await;
+    assert_eq!(revocations(&s).await, before + 2);
+
+    s.restart().await;
+    assert_eq!(revocations(&s).await, before + 2);
+    for revoked in [&long, &later] {
+        let r = s.get(&format!("/v1/subjects/{a}"), revoked, Some("delivery")).await;
+        assert_problem(&r, 401, "token_invalid");
+    }
+    let r = s.get(&format!("/v1/subjects/{a}"), &order, Some("delivery")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// The revocation ledger's entries, as the status counts them.
+async fn revocations(s: &Server) -> u64 {
+    let r = s.get("/v1/admin/status", &s.admin, None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body["revocations"].as_u64().expect("revocations counted")
+}
+
+/// A grant of `ttl` seconds on subject `a`, minted and revoked: its text.
+async fn revoked_grant(s: &Server, order: &str, a: &str, ttl: u64) -> String {
+    let r = mint(
+        s,
+        order,
+        "delivery",
+        json!({"subjects": [a], "purpose": "delivery", "fields": ["address"], "ttl_seconds": ttl, "caller": "courier-kazpost"}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let (text, id) = (r.body["token"].as_str().unwrap(), r.body["id"].as_str().unwrap());
+    let r = s
+        .call(Method::DELETE, &format!("/v1/admin/tokens/{id}"), &s.admin, None, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    text.to_string()
 }

@@ -842,10 +842,45 @@ impl KeyStore {
 
     /// A shared ledger's last entry.
     pub fn ledger_last(&self, s: Space) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .store
-            .get(s, LEDGER_HEAD)?
-            .map(|h| h.get(8..).unwrap_or_default().to_vec()))
+        Ok(self.ledger_head(s)?.map(|h| h.get(8..).unwrap_or_default().to_vec()))
+    }
+
+    /// A shared ledger's head as stored: the last sequence number (8 bytes,
+    /// big-endian), then the last entry.
+    pub fn ledger_head(&self, s: Space) -> Result<Option<Vec<u8>>> {
+        self.store.get(s, LEDGER_HEAD)
+    }
+
+    /// A shared ledger's first entry.
+    pub fn ledger_first(&self, s: Space) -> Result<Option<Vec<u8>>> {
+        self.store
+            .scan(s, LEDGER_ENTRY)
+            .next()
+            .transpose()
+            .map(|kv| kv.map(|(_, v)| v))
+    }
+
+    /// How many entries a shared ledger holds.
+    pub fn ledger_len(&self, s: Space) -> Result<u64> {
+        Ok(self.store.keys(s, LEDGER_ENTRY)?.len() as u64)
+    }
+
+    /// Replaces every entry of a shared ledger with `entries` (sequence
+    /// number and bytes, in order), in one durable commit that expects the
+    /// head `head` (`VersionConflict` when another writer moved it).
+    pub fn replace_ledger(&self, s: Space, head: Option<&[u8]>, entries: Vec<(u64, Vec<u8>)>) -> Result<()> {
+        let mut c = Commit::default();
+        c.expect(s, LEDGER_HEAD, head);
+        for k in self.store.keys(s, LEDGER_ENTRY)? {
+            c.remove(s, k);
+        }
+        if let Some((seq, last)) = entries.last() {
+            c.insert(s, LEDGER_HEAD, [&seq.to_be_bytes()[..], last].concat());
+        }
+        for (seq, bytes) in entries {
+            c.insert(s, [LEDGER_ENTRY, &seq.to_be_bytes()[..]].concat(), bytes);
+        }
+        self.store.commit_blocking(&c)
     }
 
     /// Appends `make(seq, last)` to a shared ledger, durable before it

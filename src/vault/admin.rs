@@ -75,10 +75,22 @@ impl Vault {
         Ok(out)
     }
 
-    /// Drops the records of tokens expired for longer than
-    /// `retention.expired_credentials_kept` (the scheduler's sweep).
+    /// Drops the records and revocation ledger entries of tokens expired
+    /// for longer than `retention.expired_credentials_kept` (the
+    /// scheduler's sweep). Returns how many records were dropped.
     pub fn sweep_expired_tokens(&self, now: u64) -> Result<usize> {
         let cutoff = now.saturating_sub(self.cfg.retention.expired_credentials_kept.as_secs());
+        // The ledger first: an entry written before notes carried the
+        // token's expiry goes by the record, which the sweep then drops.
+        let entries = self
+            .tokens
+            .compact_revocations(&self.store, &self.keyring, cutoff, now)?;
+        if entries > 0 {
+            tracing::info!(
+                entries,
+                "revocation ledger compacted: the entries of long-expired tokens dropped"
+            );
+        }
         self.tokens.sweep_expired(&self.store, &self.keystore, cutoff)
     }
 
@@ -548,6 +560,7 @@ impl Vault {
             subjects: self.store.count(Space::Subjects)?,
             erased: self.store.count(Space::Erased)?,
             tokens: self.store.count(Space::Tokens)?,
+            revocations: self.tokens.revocations()?,
             events_pending: pending.iter().map(|(_, n, _)| n).sum(),
         })
     }
@@ -652,6 +665,9 @@ pub struct Status {
     pub erased: u64,
     /// Tokens on record, revoked and expired ones included.
     pub tokens: u64,
+    /// Entries in the revocation ledger: revoked tokens not yet expired for
+    /// longer than `retention.expired_credentials_kept`.
+    pub revocations: u64,
     /// Deliveries not yet made, over all subscribers.
     pub events_pending: u64,
 }
