@@ -15,6 +15,10 @@
 //! - `PDVAULT_FAULT_BACKUP_HOLD_FILE=PATH`: while PATH exists, a backup
 //!   waits once its copy has begun (`PATH.held` appears), so a test can
 //!   write meanwhile;
+//! - `PDVAULT_FAULT_LEDGER_COMPACT_HOLD_FILE=PATH`: while PATH exists, a
+//!   compaction of a shared ledger waits between reading the ledger and
+//!   committing its rewrite (`PATH.held` appears), so a test can append
+//!   meanwhile;
 //! - `PDVAULT_FAULT_TOKEN_FILL_PAUSE=CALLER:MS`: a token lookup of that caller
 //!   pauses MS milliseconds between loading the record and caching it.
 

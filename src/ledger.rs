@@ -250,6 +250,7 @@ impl Ledger {
                 let Some((rewritten, gone)) = compacted(read, drop, sign, now) else {
                     return Ok(vec![]);
                 };
+                crate::faults::hold("PDVAULT_FAULT_LEDGER_COMPACT_HOLD_FILE");
                 let entries = rewritten
                     .iter()
                     .map(|e| (e.seq, serde_json::to_vec(e).expect("json")))

@@ -908,3 +908,77 @@ async fn a_backup_is_one_moment_while_another_node_writes() {
     assert_eq!(after.get("subjects"), Some(&4), "{after:?}");
     assert!(after.get("index") > before.get("index"), "{after:?}");
 }
+
+/// The revocation ledger is compacted (the entries of long-expired tokens
+/// dropped) by whichever node sweeps, while any node may append to it. A
+/// compaction that read the ledger before another node appended must not
+/// commit its rewrite over that entry: it gives way, and a later sweep
+/// drops what it had picked, the new entry kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_compaction_never_drops_what_another_node_appended_meanwhile() {
+    if skipped("a_ledger_compaction_never_drops_what_another_node_appended_meanwhile") {
+        return;
+    }
+    let holds = tempfile::tempdir().unwrap();
+    let hold = holds.path().join("compact.hold");
+    let a = Server::start_with(
+        None,
+        vec![
+            ("PDVAULT_RETENTION__SWEEP_EVERY", "1s"),
+            ("PDVAULT_RETENTION__EXPIRED_CREDENTIALS_KEPT", "1s"),
+            ("PDVAULT_FAULT_LEDGER_COMPACT_HOLD_FILE", hold.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let b = second_node(&a).await;
+    let revoked = |s: &Server, ttl: u64| {
+        let api = s.api().clone();
+        async move {
+            let req = pdvault::client::IssueRequest {
+                caller: "courier-kazpost".into(),
+                purposes: vec!["delivery".into()],
+                capabilities: vec!["read".into()],
+                ttl_seconds: ttl,
+                cert_subject: None,
+            };
+            let t = api.issue_token(&req).await.unwrap();
+            api.revoke_token(&t.id).await.unwrap();
+            t.token
+        }
+    };
+    let count = |s: &Server| {
+        let api = s.api().clone();
+        async move { api.status().await.unwrap().revocations }
+    };
+    let before = count(&a).await;
+
+    // A compaction holds once it has read the ledger and picked the short
+    // token's entry; then B appends.
+    std::fs::write(&hold, b"").unwrap();
+    let _short = revoked(&a, 1).await;
+    let first = revoked(&a, 600).await;
+    let held = holds.path().join("compact.hold.held");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !held.exists() {
+        assert!(Instant::now() < deadline, "no compaction began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = revoked(&b, 600).await;
+    std::fs::remove_file(&hold).unwrap();
+
+    // Only the short token's entry goes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = count(&b).await;
+        if n == before + 2 {
+            break;
+        }
+        assert!(n > before + 1, "a revocation was lost: {n} entries, {before} before");
+        assert!(Instant::now() < deadline, "the short token's entry was never dropped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for t in [&first, &second] {
+        let e = a.api_as(t).status().await.err().unwrap();
+        assert_eq!(e.code(), Some("token_invalid"), "{e}");
+    }
+}
