@@ -345,7 +345,9 @@ fn init(g: &Global, cfg: Config) -> CliResult {
 /// `pdvault passphrase change`: offline, because a running server keeps the
 /// old sealing in memory and would write it back on its next rotation. The
 /// data directory stays open (its lock held) while the keys are re-sealed,
-/// so no server can start meanwhile.
+/// so no server can start meanwhile. On PostgreSQL it changes this node's
+/// passphrase only; the other nodes serve on (the epochs in the keys
+/// database are sealed under the root secret's key from the first change).
 async fn change_passphrase(g: &Global, cfg: Config, new_file: Option<&Path>) -> CliResult {
     if remote(&cfg).await?.is_some() {
         return Err(format!(
@@ -365,7 +367,10 @@ async fn change_passphrase(g: &Global, cfg: Config, new_file: Option<&Path>) -> 
     }
     let dir = cfg.keys.dir.clone();
     let held = local(g, cfg.clone())?;
-    let keys = open_keys(g, &cfg, false)?;
+    let mut keys = open_keys(g, &cfg, false)?;
+    if let Some(home) = held.shared_epochs() {
+        keys.share_epochs(home).map_err(|e| e.to_string())?;
+    }
     keys.change_passphrase(new.as_bytes()).map_err(|e| e.to_string())?;
     // Dev keys keep their passphrase beside them: it follows the change.
     let dev = dir.join(DEV_PASSPHRASE);

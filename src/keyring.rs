@@ -13,14 +13,18 @@
 //! rewrite); every data key still wrapped only under it becomes noise.
 //!
 //! Where several nodes share one keys database (the postgres backend), the
-//! epochs live there instead, as one record sealed under the unseal key
-//! ([`SharedEpochs`]): every change is a compare-and-swap of that record, a
-//! node that meets an epoch it does not know reloads it, and `master.key`
-//! keeps only the KDF parameters and the root secret (its epochs are moved
-//! out, and removed from the file, at the first start on the database).
+//! epochs live there instead, as one record ([`SharedEpochs`]): every change
+//! is a compare-and-swap of that record, a node that meets an epoch it does
+//! not know reloads it, and `master.key` keeps only the KDF parameters and
+//! the root secret (its epochs are moved out, and removed from the file, at
+//! the first start on the database). The record and its KEKs are sealed
+//! under the unseal key as they came from the first node's `master.key`,
+//! until the first passphrase change seals them under a key derived from
+//! the root secret (`SealedUnder::Root`), which every node holds whatever
+//! its passphrase: from then on a node's passphrase is its own.
 //!
-//! Changing the passphrase re-seals the root secret, every KEK and the
-//! receipt key under a new salt. `master.key`'s atomic rewrite is the commit
+//! Changing the passphrase re-seals the root secret, every KEK kept in
+//! `master.key` and the receipt key under a new salt. `master.key`'s atomic rewrite is the commit
 //! point: the new `receipt.key` is written beside it first (`receipt.key.next`)
 //! and moved into place after, and `open` finishes (or drops) a move that a
 //! crash interrupted, so the two files never disagree on the passphrase.
@@ -115,7 +119,8 @@ struct MasterFile {
     epochs_shared: bool,
 }
 
-/// The epochs as kept in a keys database: sealed whole under the unseal key.
+/// The epochs as kept in a keys database: sealed whole, under the key of
+/// its `SealedUnder`.
 #[derive(Serialize, Deserialize)]
 struct SharedRecord {
     /// Raised by every change: which of two records is newer.
@@ -159,10 +164,22 @@ struct Epoch {
     kek: Arc<Aead256>,
 }
 
+/// The key the epochs' KEKs (and a shared record) are sealed under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SealedUnder {
+    /// The unseal key, derived from the passphrase: `master.key`'s epochs,
+    /// and a shared record as the first node put it there.
+    Passphrase,
+    /// A key derived from the root secret: a shared record from its first
+    /// passphrase change on.
+    Root,
+}
+
 #[derive(Clone)]
 struct State {
     /// The shared record's serial this state came from (0: the file's).
     serial: u64,
+    sealed_under: SealedUnder,
     current: u32,
     epochs: BTreeMap<u32, Epoch>,
     rotation: Option<Rotation>,
@@ -186,6 +203,8 @@ struct Derived {
     pseudonym: SecretKey,
     token: SecretKey,
     record_mac: SecretKey,
+    /// Seals a shared record and its KEKs (`SealedUnder::Root`).
+    epochs: SecretKey,
 }
 
 impl Derived {
@@ -197,6 +216,7 @@ impl Derived {
             pseudonym: derive_key(root, "pseudonym").pinned(),
             token: derive_key(root, "token-hash").pinned(),
             record_mac: derive_key(root, "record-mac").pinned(),
+            epochs: derive_key(root, "shared-epochs").pinned(),
         }
     }
 }
@@ -224,6 +244,7 @@ fn epoch_aad(epoch: u32) -> Vec<u8> {
 }
 const ROOT_AAD: &[u8] = b"pdvault/keyring/root";
 const SHARED_AAD: &[u8] = b"pdvault/keyring/shared-epochs";
+const SHARED_ROOT_AAD: &[u8] = b"pdvault/keyring/shared-epochs/root-sealed";
 const RECEIPT_AAD: &[u8] = b"pdvault/keyring/receipt";
 
 /// The retired epochs older than `retention`: none while a rotation is
@@ -277,6 +298,19 @@ fn epoch_files(st: &State) -> Vec<EpochFile> {
             kek: B64.encode(&e.sealed),
         })
         .collect()
+}
+
+/// `st` with every KEK sealed under `to` instead of `from`.
+fn resealed(st: &State, from: &SecretKey, to: &SecretKey) -> Result<State, String> {
+    let mut next = st.clone();
+    for (n, e) in next.epochs.iter_mut() {
+        let kek = from
+            .aead()
+            .open(&e.sealed, &epoch_aad(*n))
+            .map_err(|_| "a KEK does not open".to_string())?;
+        e.sealed = to.aead().seal(kek.expose(), &epoch_aad(*n));
+    }
+    Ok(next)
 }
 
 fn derive_unseal(passphrase: &[u8], p: KdfParams, salt: &[u8]) -> Result<SecretKey, KeyringError> {
@@ -343,6 +377,7 @@ impl Keyring {
             receipt,
             state: RwLock::new(State {
                 serial: 0,
+                sealed_under: SealedUnder::Passphrase,
                 current: 1,
                 epochs,
                 rotation: None,
@@ -425,6 +460,7 @@ impl Keyring {
             receipt,
             state: RwLock::new(State {
                 serial: 0,
+                sealed_under: SealedUnder::Passphrase,
                 current: mf.current,
                 epochs,
                 rotation: mf.rotation,
@@ -463,13 +499,21 @@ impl Keyring {
     /// salt). The old passphrase opens these files no more; a copy of the
     /// keys directory made before still opens with it (rotate the KEK and
     /// let the old epochs be destroyed to make such a copy useless).
+    ///
+    /// Where the epochs are in a keys database (`share_epochs` first), they
+    /// are not the passphrase's: the record is sealed under the root
+    /// secret's key first (once; a compare-and-swap, so `Raced` when another
+    /// node changed it meanwhile), and only this node's `master.key` and
+    /// `receipt.key` change. The other nodes serve on, under their own
+    /// passphrases.
     pub fn change_passphrase(self, new_passphrase: &[u8]) -> Result<Keyring, KeyringError> {
-        if self.file_says_shared {
-            // The epochs in the keys database are sealed under the old
-            // unseal key, and every node's copy of master.key with them.
+        if self.file_says_shared && self.shared.is_none() {
             return Err(KeyringError::Shared(
-                "the passphrase of a keys directory whose epochs are in a keys database cannot be changed yet (storage.backend = \"postgres\")".into(),
+                "the epochs are in the keys database: open it before changing the passphrase".into(),
             ));
+        }
+        if self.shared.is_some() {
+            self.seal_epochs_under_root()?;
         }
         let (kdf, _) = self.kdf_file;
         let salt = crate::crypto::random_bytes::<16>().to_vec();
@@ -485,15 +529,11 @@ impl Keyring {
             .open(&self.sealed_root, ROOT_AAD)
             .map_err(|_| broken("root"))?;
         let sealed_root = unseal.aead().seal(root.expose(), ROOT_AAD);
-        let mut st = self.state.read().expect("keyring lock").clone();
-        for (n, e) in st.epochs.iter_mut() {
-            let kek = self
-                .unseal
-                .aead()
-                .open(&e.sealed, &epoch_aad(*n))
-                .map_err(|_| broken("a KEK does not open"))?;
-            e.sealed = unseal.aead().seal(kek.expose(), &epoch_aad(*n));
-        }
+        let st = self.state.read().expect("keyring lock").clone();
+        let st = match st.sealed_under {
+            SealedUnder::Passphrase => resealed(&st, &self.unseal, &unseal).map_err(|why| broken(&why))?,
+            SealedUnder::Root => st,
+        };
         let rf = ReceiptFile {
             format: 1,
             alg: "Ed25519".into(),
@@ -507,8 +547,8 @@ impl Keyring {
         })?;
         let kr = Keyring {
             dir: self.dir.clone(),
-            shared: None,
-            file_says_shared: false,
+            shared: self.shared,
+            file_says_shared: self.file_says_shared,
             kdf_file: (kdf, salt),
             unseal,
             sealed_root,
@@ -677,6 +717,27 @@ impl Keyring {
         Ok(())
     }
 
+    /// The key that seals the KEKs of a state.
+    fn sealer(&self, under: SealedUnder) -> &SecretKey {
+        match under {
+            SealedUnder::Passphrase => &self.unseal,
+            SealedUnder::Root => &self.derived.epochs,
+        }
+    }
+
+    /// Seals the shared record (and its KEKs) under the root secret's key,
+    /// if it is not already.
+    fn seal_epochs_under_root(&self) -> Result<(), KeyringError> {
+        let mut st = self.state.write().expect("keyring lock");
+        self.reload_into(&mut st)?;
+        if st.sealed_under == SealedUnder::Root {
+            return Ok(());
+        }
+        let mut next = resealed(&st, &self.unseal, &self.derived.epochs).map_err(KeyringError::Shared)?;
+        next.sealed_under = SealedUnder::Root;
+        self.commit(&mut st, next)
+    }
+
     fn seal_shared(&self, st: &State) -> Vec<u8> {
         let rec = SharedRecord {
             serial: st.serial,
@@ -686,25 +747,35 @@ impl Keyring {
             last_rotation_at: st.last_rotation_at,
             destroyed: st.destroyed.clone(),
         };
-        self.unseal
+        let aad = match st.sealed_under {
+            SealedUnder::Passphrase => SHARED_AAD,
+            SealedUnder::Root => SHARED_ROOT_AAD,
+        };
+        self.sealer(st.sealed_under)
             .aead()
-            .seal(&Zeroizing::new(serde_json::to_vec(&rec).expect("json")), SHARED_AAD)
+            .seal(&Zeroizing::new(serde_json::to_vec(&rec).expect("json")), aad)
     }
 
     fn open_shared(&self, raw: &[u8]) -> Result<State, KeyringError> {
         let bad = |why: &str| KeyringError::Shared(format!("{why} (altered, or sealed under another passphrase)"));
-        let plain = self
-            .unseal
-            .aead()
-            .open(raw, SHARED_AAD)
-            .map_err(|_| bad("the record does not open"))?;
+        let (plain, sealed_under) = match self.derived.epochs.aead().open(raw, SHARED_ROOT_AAD) {
+            Ok(plain) => (plain, SealedUnder::Root),
+            Err(_) => (
+                self.unseal
+                    .aead()
+                    .open(raw, SHARED_AAD)
+                    .map_err(|_| bad("the record does not open"))?,
+                SealedUnder::Passphrase,
+            ),
+        };
         let rec: SharedRecord = serde_json::from_slice(plain.expose()).map_err(|_| bad("the record is malformed"))?;
-        let epochs = open_epochs(&self.unseal, &rec.epochs).map_err(|why| bad(&why))?;
+        let epochs = open_epochs(self.sealer(sealed_under), &rec.epochs).map_err(|why| bad(&why))?;
         if !epochs.contains_key(&rec.current) {
             return Err(bad("the current epoch has no key"));
         }
         Ok(State {
             serial: rec.serial,
+            sealed_under,
             current: rec.current,
             epochs,
             rotation: rec.rotation,
@@ -841,7 +912,10 @@ impl Keyring {
             .max(st.destroyed.iter().map(|d| d.epoch).max().unwrap_or(0))
             + 1;
         let kek = SecretKey::generate();
-        let sealed = self.unseal.aead().seal(kek.expose_secret(), &epoch_aad(target));
+        let sealed = self
+            .sealer(st.sealed_under)
+            .aead()
+            .seal(kek.expose_secret(), &epoch_aad(target));
         let mut next = st.clone();
         next.epochs.insert(
             target,
@@ -993,18 +1067,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn two_nodes_share_epochs_through_one_record() {
+    const SMALL: KdfParams = KdfParams { m_kib: 8, t: 1, p: 1 };
+
+    /// A keys directory (passphrase "pw") and a copy of it, for two nodes.
+    fn two_keys_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
         let d = tempfile::tempdir().unwrap();
-        let small = KdfParams { m_kib: 8, t: 1, p: 1 };
-        Keyring::create(d.path(), b"pw", small).unwrap();
+        Keyring::create(d.path(), b"pw", SMALL).unwrap();
         let copy = tempfile::tempdir().unwrap();
         for f in [MASTER_FILE, RECEIPT_FILE] {
             std::fs::copy(d.path().join(f), copy.path().join(f)).unwrap();
         }
+        (d, copy)
+    }
+
+    /// A node's keyring on the shared record `db`.
+    fn node(dir: &Path, pass: &[u8], db: &Record) -> Keyring {
+        let mut k = Keyring::open(dir, pass).unwrap();
+        k.share_epochs(Box::new(db.clone())).unwrap();
+        k
+    }
+
+    #[test]
+    fn two_nodes_share_epochs_through_one_record() {
+        let (d, copy) = two_keys_dirs();
+        let small = SMALL;
         let db = Record::default();
-        let mut a = Keyring::open(d.path(), b"pw").unwrap();
-        a.share_epochs(Box::new(db.clone())).unwrap();
+        let a = node(d.path(), b"pw", &db);
         // master.key keeps no epoch once the database has them.
         let mf: serde_json::Value =
             serde_json::from_slice(&std::fs::read(d.path().join(MASTER_FILE)).unwrap()).unwrap();
@@ -1016,8 +1104,7 @@ mod tests {
             Keyring::open(d.path(), b"pw").unwrap().check_epochs_here(),
             Err(KeyringError::EpochsElsewhere(_))
         ));
-        let mut b = Keyring::open(copy.path(), b"pw").unwrap();
-        b.share_epochs(Box::new(db.clone())).unwrap();
+        let b = node(copy.path(), b"pw", &db);
         assert_eq!(a.epochs_serial(), b.epochs_serial());
 
         // A rotates; B opens a key of the new epoch without being told.
@@ -1042,5 +1129,51 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let mut c = Keyring::create(other.path(), b"other", small).unwrap();
         assert!(matches!(c.share_epochs(Box::new(db)), Err(KeyringError::Shared(_))));
+    }
+
+    /// On a shared keys database, one node's passphrase changes while the
+    /// other serves on: the record is sealed under the root secret's key at
+    /// the change, the other node reads it (and rotates under it) with its
+    /// old passphrase, and the changed node opens its keys and the record
+    /// with the new passphrase only.
+    #[test]
+    fn one_node_changes_its_passphrase_while_another_shares_the_epochs() {
+        let (d, copy) = two_keys_dirs();
+        let db = Record::default();
+        let a = node(d.path(), b"pw", &db);
+        let b = node(copy.path(), b"pw", &db);
+        let before = db.load().unwrap().unwrap();
+        let pk = a.receipt_key().public_key();
+        let kek1 = |k: &Keyring| k.kek(1).unwrap().seal(b"x", b"aad");
+
+        // Without the keys database it is refused, and changes nothing.
+        let bare = Keyring::open(d.path(), b"pw").unwrap();
+        assert!(matches!(
+            bare.change_passphrase(b"new passphrase"),
+            Err(KeyringError::Shared(_))
+        ));
+        assert_eq!(db.load().unwrap().unwrap(), before);
+
+        let _a = a.change_passphrase(b"new passphrase").unwrap();
+        assert_ne!(db.load().unwrap().unwrap(), before, "the record is sealed anew");
+        assert!(matches!(
+            Keyring::open(d.path(), b"pw"),
+            Err(KeyringError::WrongPassphrase(_))
+        ));
+        // B, still under "pw", reads the record and rotates under it.
+        let sealed = kek1(&b);
+        assert!(b.refresh().unwrap());
+        assert_eq!(b.begin_rotation(10, Some("b"), &|_| true).unwrap().target, 2);
+        b.finish_rotation(11).unwrap();
+        // A, reopened under the new passphrase, has every epoch B knows.
+        let a2 = node(d.path(), b"new passphrase", &db);
+        assert_eq!(a2.current_epoch(), 2);
+        assert_eq!(a2.kek(1).unwrap().open(&sealed, b"aad").unwrap().expose(), b"x");
+        assert_eq!(a2.receipt_key().public_key(), pk);
+        // B's passphrase may change too; A's does not undo it.
+        let b = b.change_passphrase(b"b's own passphrase").unwrap();
+        assert!(a2.refresh().is_ok());
+        assert_eq!(b.current_epoch(), 2);
+        assert!(node(copy.path(), b"b's own passphrase", &db).kek(2).is_some());
     }
 }

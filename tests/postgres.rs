@@ -982,3 +982,51 @@ async fn a_ledger_compaction_never_drops_what_another_node_appended_meanwhile() 
         assert_eq!(e.code(), Some("token_invalid"), "{e}");
     }
 }
+
+/// On several nodes each node's passphrase is its own: one node's is
+/// changed (offline) while the other serves on, writes and rotates the
+/// KEK; the changed node then starts under its new passphrase and reads
+/// what was written under either epoch, and the other restarts under its
+/// old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_changes_its_passphrase_while_the_other_serves_and_rotates() {
+    if skipped("one_node_changes_its_passphrase_while_the_other_serves_and_rotates") {
+        return;
+    }
+    let mut a = Server::start().await;
+    let mut b = second_node(&a).await;
+    let w = a.token("order-service", &["order"], &["read", "write"]).await;
+    let first = a.create(&w, subject("p1")).await;
+    a.stop();
+    let new = "node a's own new passphrase";
+    let out = a
+        .cmd()
+        .args(["passphrase", "change"])
+        .env("PDVAULT_NEW_PASSPHRASE", new)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(a.keys_dir().join("dev-passphrase")).unwrap(),
+        new
+    );
+    assert_ne!(
+        std::fs::read_to_string(b.keys_dir().join("dev-passphrase")).unwrap(),
+        new
+    );
+
+    // B serves on under its old passphrase: reads, writes, rotates.
+    b.api_as(&w).read("order", &first, None).await.unwrap();
+    let second = b.create(&w, subject("p2")).await;
+    b.api().rotate_kek().await.unwrap();
+    let third = b.create(&w, subject("p3")).await;
+
+    a.spawn().await;
+    b.restart().await;
+    for id in [&first, &second, &third] {
+        for node in [&a, &b] {
+            let got = node.api_as(&w).read("order", id, None).await.unwrap();
+            assert!(got.fields["surname"].as_str().unwrap().starts_with("Nurlanova-p"));
+        }
+    }
+}

@@ -218,6 +218,16 @@ impl Vault {
         Self::open_with(cfg, keyring)
     }
 
+    /// The keys database's record of the key epochs, where the nodes share
+    /// one (for a keyring opened beside this vault, as `passphrase change`
+    /// does).
+    pub fn shared_epochs(&self) -> Option<Box<dyn crate::keyring::SharedEpochs>> {
+        match self.cfg.storage.backend {
+            crate::config::Backend::Postgres => Some(Box::new(nodes::EpochsInKeyStore(self.keystore.clone()))),
+            crate::config::Backend::Sled => None,
+        }
+    }
+
     pub fn open_with(cfg: Config, mut keyring: Keyring) -> anyhow_like::Result<Vault> {
         let (store, keystore) = crate::storage::open(&cfg).map_err(|e| e.to_string())?;
         match cfg.storage.backend {
