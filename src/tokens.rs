@@ -163,8 +163,9 @@ pub struct Tokens {
     /// The store is shared with other nodes: no record is served from this
     /// process's cache, so a revocation on any node holds on the next call.
     shared: bool,
-    /// Ids named by the revocation ledger.
-    revoked: RwLock<HashSet<String>>,
+    /// Ids named by the revocation ledger, with the token's expiry where
+    /// the entry's note gives it.
+    revoked: RwLock<HashMap<String, Option<u64>>>,
     ledger: Ledger,
 }
 
@@ -184,19 +185,28 @@ pub fn new_token_id() -> String {
 }
 
 impl Tokens {
-    /// `ledger` is the revocation ledger; its entries' ids are revoked.
+    /// `ledger` is the revocation ledger; `entries` are its entries, whose
+    /// ids are revoked.
     pub fn new(
         key: &SecretKey,
         mac_key: &SecretKey,
         ledger: Ledger,
-        revoked: impl IntoIterator<Item = String>,
+        entries: impl IntoIterator<Item = crate::ledger::LedgerEntry>,
     ) -> Tokens {
         Tokens {
             key: MacKey::new(key),
             mac: RecordMac::new(SecretKey::from_bytes(mac_key.expose_secret()).expect("32 bytes")),
             cache: RwLock::new(HashMap::new()),
             shared: false,
-            revoked: RwLock::new(revoked.into_iter().collect()),
+            revoked: RwLock::new(
+                entries
+                    .into_iter()
+                    .map(|e| {
+                        let at = expiry_noted(&e);
+                        (e.id, at)
+                    })
+                    .collect(),
+            ),
             ledger,
         }
     }
@@ -279,7 +289,7 @@ impl Tokens {
     }
 
     fn is_revoked(&self, rec: &TokenRecord) -> bool {
-        rec.revoked_at.is_some() || self.revoked.read().expect("revoked set").contains(&rec.id)
+        rec.revoked_at.is_some() || self.revoked.read().expect("revoked set").contains_key(&rec.id)
     }
 
     /// Finds the token behind a bearer text. `None` when unknown.
@@ -435,7 +445,7 @@ impl Tokens {
         let Some(mut rec) = self.load(store, id)? else {
             return Ok(None);
         };
-        if !self.revoked.read().expect("revoked set").contains(id) {
+        if !self.revoked.read().expect("revoked set").contains_key(id) {
             // The token's expiry goes with it: the entry is dropped once
             // the token has expired (`compact_revocations`).
             let note = serde_json::json!({
@@ -445,7 +455,10 @@ impl Tokens {
             });
             let sig = crate::receipt::sign(keys.receipt_key(), &note);
             self.ledger.append(id, &note, &sig)?;
-            self.revoked.write().expect("revoked set").insert(id.to_owned());
+            self.revoked
+                .write()
+                .expect("revoked set")
+                .insert(id.to_owned(), Some(rec.expires_at));
         }
         let changed = rec.revoked_at.is_none();
         if changed {
@@ -477,20 +490,21 @@ impl Tokens {
         now: u64,
     ) -> Result<usize> {
         let expired = |e: &crate::ledger::LedgerEntry| {
-            let at = match e.receipt.get("expires_at").and_then(|v| v.as_str()) {
-                Some(t) => crate::fsutil::parse_rfc3339(t),
+            let at = match e.receipt.get("expires_at") {
+                Some(_) => expiry_noted(e),
                 None => self.load(store, &e.id).ok().flatten().map(|r| r.expires_at),
             };
             at.is_some_and(|at| at < cutoff)
         };
         let sign = |note: &serde_json::Value| crate::receipt::sign(keys.receipt_key(), note);
         let gone = self.ledger.compact(&expired, &sign, now)?;
-        if !gone.is_empty() {
-            let mut revoked = self.revoked.write().expect("revoked set");
-            for id in &gone {
-                revoked.remove(id);
-            }
+        // The set forgets those ids, and those of tokens whose noted expiry
+        // is as old, though another node's compaction dropped their entries.
+        let mut revoked = self.revoked.write().expect("revoked set");
+        for id in &gone {
+            revoked.remove(id);
         }
+        revoked.retain(|_, at| at.is_none_or(|at| at >= cutoff));
         Ok(gone.len())
     }
 
@@ -507,7 +521,7 @@ impl Tokens {
         store: &Store,
         also: impl Fn(&mut Commit, &TokenRecord) -> Result<()>,
     ) -> Result<usize> {
-        let ids: Vec<String> = self.revoked.read().expect("revoked set").iter().cloned().collect();
+        let ids: Vec<String> = self.revoked.read().expect("revoked set").keys().cloned().collect();
         let now = crate::fsutil::now_secs();
         let mut n = 0;
         for id in ids {
@@ -531,6 +545,15 @@ impl Tokens {
             .lookup(store, keystore, text)?
             .is_some_and(|a| !a.revoked && a.expires_at > now))
     }
+}
+
+/// The token's expiry that a revocation entry's note gives (notes written
+/// before it was noted give none).
+fn expiry_noted(e: &crate::ledger::LedgerEntry) -> Option<u64> {
+    e.receipt
+        .get("expires_at")
+        .and_then(|v| v.as_str())
+        .and_then(crate::fsutil::parse_rfc3339)
 }
 
 /// A self-service link's code, as stored: single use, short-lived.

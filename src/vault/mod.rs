@@ -246,12 +246,7 @@ impl Vault {
         let audit = AuditLog::open(&place, &store, cfg.audit.fsync, chain).map_err(|e| e.to_string())?;
         let (revocations, revoked) =
             crate::ledger::open(&cfg, &keystore, LedgerKind::Revocation).map_err(|e| e.to_string())?;
-        let tokens = Tokens::new(
-            keyring.token_key(),
-            keyring.record_mac_key(),
-            revocations,
-            revoked.into_iter().map(|e| e.id),
-        );
+        let tokens = Tokens::new(keyring.token_key(), keyring.record_mac_key(), revocations, revoked);
         let tokens = match cfg.storage.backend {
             crate::config::Backend::Sled => tokens,
             crate::config::Backend::Postgres => tokens.on_shared_store(),
