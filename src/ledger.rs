@@ -101,6 +101,7 @@ enum At {
 
 pub struct Ledger {
     at: At,
+    kind: Kind,
 }
 
 struct FileState {
@@ -120,13 +121,14 @@ pub struct Chain {
 /// subject or a token.
 pub fn open(cfg: &Config, keys: &KeyStore, kind: Kind) -> Result<(Ledger, Vec<LedgerEntry>)> {
     match cfg.storage.backend {
-        Backend::Sled => Ledger::open_file(cfg.keys.dir.join(kind.file())),
+        Backend::Sled => Ledger::open_file(cfg.keys.dir.join(kind.file()), kind),
         Backend::Postgres => {
             let space = kind.space();
-            let read = chain(space.name(), keys.ledger(space)?.into_iter().map(Ok))?;
+            let read = chain(space.name(), kind, keys.ledger(space)?.into_iter().map(Ok))?;
             Ok((
                 Ledger {
                     at: At::Shared(keys.clone(), space),
+                    kind,
                 },
                 read.entries,
             ))
@@ -135,9 +137,9 @@ pub fn open(cfg: &Config, keys: &KeyStore, kind: Kind) -> Result<(Ledger, Vec<Le
 }
 
 impl Ledger {
-    /// Opens the ledger in `path` (the shred or the revocation ledger file).
-    pub fn open_file(path: PathBuf) -> Result<(Ledger, Vec<LedgerEntry>)> {
-        let read = read_all(&path)?;
+    /// Opens the ledger of `kind` in `path`.
+    pub fn open_file(path: PathBuf, kind: Kind) -> Result<(Ledger, Vec<LedgerEntry>)> {
+        let read = read_all(&path, kind)?;
         let state = FileState {
             head: read.head,
             len: read.entries.len() as u64,
@@ -145,6 +147,7 @@ impl Ledger {
         Ok((
             Ledger {
                 at: At::File(path, Mutex::new(state)),
+                kind,
             },
             read.entries,
         ))
@@ -222,10 +225,13 @@ impl Ledger {
         sign: &dyn Fn(&serde_json::Value) -> String,
         now: u64,
     ) -> Result<Vec<String>> {
+        if self.kind != Kind::Revocation {
+            return Err(VaultError::Internal("only the revocation ledger is compacted".into()));
+        }
         match &self.at {
             At::File(path, state) => {
                 let mut st = state.lock().expect("ledger lock");
-                let read = read_all(path)?;
+                let read = read_all(path, self.kind)?;
                 let Some((rewritten, gone)) = compacted(read, drop, sign, now) else {
                     return Ok(vec![]);
                 };
@@ -240,7 +246,7 @@ impl Ledger {
                 // The head first: an entry appended after it was read makes
                 // the commit fail, and one appended before is in the read.
                 let head = keys.ledger_head(*space)?;
-                let read = chain(space.name(), keys.ledger(*space)?.into_iter().map(Ok))?;
+                let read = chain(space.name(), self.kind, keys.ledger(*space)?.into_iter().map(Ok))?;
                 let head_seq = head
                     .as_deref()
                     .map(|h| crate::storage::read_u64(h.get(..8).unwrap_or_default()));
@@ -308,9 +314,10 @@ fn decode(name: &str, b: &[u8]) -> Result<LedgerEntry> {
 }
 
 /// Checks a ledger's entries, in order: numbered from 1, each chained to the
-/// one before; or, in a compacted ledger, from its anchor, which only the
-/// first entry may be. A lost line (the first ones included) breaks it.
-fn chain(name: &str, lines: impl Iterator<Item = Result<Vec<u8>>>) -> Result<Chain> {
+/// one before; or, in a compacted revocation ledger, from its anchor, which
+/// only the first entry may be (the shred ledger is never compacted). A lost
+/// line (the first ones included) breaks it.
+fn chain(name: &str, kind: Kind, lines: impl Iterator<Item = Result<Vec<u8>>>) -> Result<Chain> {
     let mut out: Vec<LedgerEntry> = Vec::new();
     let mut head = (0, crate::audit::GENESIS.to_string());
     let mut first = true;
@@ -322,7 +329,7 @@ fn chain(name: &str, lines: impl Iterator<Item = Result<Vec<u8>>>) -> Result<Cha
         let broken = || VaultError::Internal(format!("ledger {name} is broken at line {}", i + 1));
         let e: LedgerEntry = serde_json::from_slice(&line).map_err(|_| broken())?;
         let follows = e.seq == head.0 + 1 && e.prev == head.1;
-        let anchored = first && e.is_anchor() && e.seq > 0;
+        let anchored = first && e.is_anchor() && e.seq > 0 && kind == Kind::Revocation;
         if !(follows && !e.is_anchor() || anchored)
             || hash_of(&e.prev, e.seq, &e.id, &e.receipt, &e.signature) != e.hash
         {
@@ -337,7 +344,7 @@ fn chain(name: &str, lines: impl Iterator<Item = Result<Vec<u8>>>) -> Result<Cha
     Ok(Chain { entries: out, head })
 }
 
-pub fn read_all(path: &Path) -> Result<Chain> {
+pub fn read_all(path: &Path, kind: Kind) -> Result<Chain> {
     let empty = || Chain {
         entries: vec![],
         head: (0, crate::audit::GENESIS.to_string()),
@@ -348,7 +355,7 @@ pub fn read_all(path: &Path) -> Result<Chain> {
         Err(e) => return Err(e.into()),
     };
     let lines = BufReader::new(f).split(b'\n').map(|l| l.map_err(VaultError::from));
-    chain(&path.display().to_string(), lines)
+    chain(&path.display().to_string(), kind, lines)
 }
 
 #[cfg(test)]
@@ -360,7 +367,7 @@ mod tests {
     }
 
     fn open_at(path: &Path) -> Result<(Ledger, Vec<LedgerEntry>)> {
-        Ledger::open_file(path.to_path_buf())
+        Ledger::open_file(path.to_path_buf(), Kind::Revocation)
     }
 
     /// A compacted ledger keeps what was not dropped, in order, across a
@@ -401,6 +408,10 @@ mod tests {
             std::fs::write(&path, broken).unwrap();
             assert!(open_at(&path).is_err());
         }
+        // The shred ledger takes no anchor: it is never compacted.
+        std::fs::write(&path, text).unwrap();
+        assert!(open_at(&path).is_ok());
+        assert!(Ledger::open_file(path, Kind::Shred).is_err());
     }
 
     /// Everything dropped: the anchor alone stands, and the chain goes on
